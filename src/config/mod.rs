@@ -1,0 +1,413 @@
+//! Process settings: where pubwarden listens, which Redis it fronts, limits,
+//! shutdown and logging. They are read once at start; changing them needs a
+//! restart. (Policy, which reloads live, has its own file.)
+//!
+//! Every key has a default, so an empty file, or no file at all, runs a
+//! proxy on 127.0.0.1:6380 in front of 127.0.0.1:6379.
+
+pub mod yaml;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use yaml::{ConfigError, ConfigErrors, Pos, Reader};
+
+use crate::resp::request::RequestLimits;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub admin: Admin,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// `host:port` of the backing Redis; a name is resolved at each connect.
+    pub address: String,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How often readiness checks that Redis answers PING.
+    pub health_check_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// HTTP listener for /healthz and /readyz.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Client input bounds, as Redis's (`proto-max-bulk-len` ...).
+    pub request: RequestLimits,
+    /// Deepest nesting accepted in a reply from Redis.
+    pub max_reply_depth: usize,
+    /// Requests a client may have in flight before pubwarden stops reading it.
+    pub max_pipeline: usize,
+    /// Output queued for a slow reader before pubwarden stops reading the
+    /// other side, leaving the rest in the kernel and in Redis's buffers.
+    pub pause_reading_at: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shutdown {
+    /// How long connections may finish their in-flight replies on SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Log {
+    /// A `tracing` filter: `info`, `debug`, `pubwarden=debug,info` ...
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6380)),
+            upstream: Upstream {
+                address: "127.0.0.1:6379".into(),
+                connect_timeout: Duration::from_secs(2),
+                health_check_interval: Duration::from_secs(1),
+            },
+            admin: Admin {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
+            },
+            limits: Limits {
+                request: RequestLimits::default(),
+                max_reply_depth: 128,
+                max_pipeline: 1_000_000,
+                pause_reading_at: 4 * 1024 * 1024,
+            },
+            shutdown: Shutdown {
+                drain_timeout: Duration::from_secs(10),
+            },
+            log: Log {
+                level: "info".into(),
+                format: LogFormat::Text,
+            },
+        }
+    }
+}
+
+/// Settings given on the command line or in the environment; they win over
+/// the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub admin_listen: Option<String>,
+}
+
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse().map_err(|_| {
+        format!("`{text}` is not an IP:port address (e.g. 127.0.0.1:6380 or [::1]:6380)")
+    })
+}
+
+fn host_port(text: &str) -> Result<String, String> {
+    let t = text.trim();
+    let bad = || {
+        format!(
+            "`{text}` is not a host:port address (e.g. 127.0.0.1:6379 or redis.default.svc:6379)"
+        )
+    };
+    let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok(t.to_string())
+}
+
+fn log_format(text: &str) -> Result<LogFormat, String> {
+    match text.trim() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("`{other}` is not a log format (use text or json)")),
+    }
+}
+
+fn positive(d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        Err("must be longer than zero".into())
+    } else {
+        Ok(d)
+    }
+}
+
+impl Settings {
+    /// Reads a settings file; every problem is reported at once.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Settings, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: String::new(),
+                pos: Pos::default(),
+                message: format!("cannot read {}: {e}", path.display()),
+            }])
+        })?;
+        Self::from_yaml(&text, overrides)
+    }
+
+    /// Parses settings from YAML text, then applies `overrides`.
+    pub fn from_yaml(text: &str, overrides: &Overrides) -> Result<Settings, ConfigErrors> {
+        let doc = yaml::parse(text)?;
+        let mut r = Reader::default();
+        let mut s = Settings::default();
+        let root = r.map(
+            &doc,
+            "",
+            &["listen", "upstream", "admin", "limits", "shutdown", "log"],
+        );
+        if let Some(v) = r.field(&root, "listen", socket_addr) {
+            s.listen = v;
+        }
+
+        let up = r.section(
+            &root,
+            "upstream",
+            &["address", "connect_timeout", "health_check_interval"],
+        );
+        if let Some(v) = r.field(&up, "address", host_port) {
+            s.upstream.address = v;
+        }
+        if let Some(v) = r.field(&up, "connect_timeout", |t| {
+            yaml::duration(t).and_then(positive)
+        }) {
+            s.upstream.connect_timeout = v;
+        }
+        if let Some(v) = r.field(&up, "health_check_interval", |t| {
+            yaml::duration(t).and_then(positive)
+        }) {
+            s.upstream.health_check_interval = v;
+        }
+
+        let admin = r.section(&root, "admin", &["listen"]);
+        if let Some(v) = r.field(&admin, "listen", socket_addr) {
+            s.admin.listen = v;
+        }
+
+        let limits = r.section(
+            &root,
+            "limits",
+            &[
+                "max_bulk_len",
+                "max_multibulk_len",
+                "max_inline_len",
+                "max_reply_depth",
+                "max_pipeline",
+                "pause_reading_at",
+            ],
+        );
+        let within = |lo: u64, hi: u64| {
+            move |t: &str| {
+                let n = yaml::size(t)?;
+                if n < lo || n > hi {
+                    return Err(format!("{n} is outside {lo}..={hi}"));
+                }
+                Ok(n as usize)
+            }
+        };
+        if let Some(v) = r.field(&limits, "max_bulk_len", within(1, 1 << 40)) {
+            s.limits.request.max_bulk_len = v;
+        }
+        if let Some(v) = r.field(&limits, "max_multibulk_len", within(1, i32::MAX as u64)) {
+            s.limits.request.max_multibulk_len = v;
+        }
+        if let Some(v) = r.field(&limits, "max_inline_len", within(1024, 1 << 30)) {
+            s.limits.request.max_inline_len = v;
+        }
+        if let Some(v) = r.field(&limits, "max_reply_depth", yaml::number(2, 4096)) {
+            s.limits.max_reply_depth = v as usize;
+        }
+        if let Some(v) = r.field(&limits, "max_pipeline", yaml::number(1, 100_000_000)) {
+            s.limits.max_pipeline = v as usize;
+        }
+        if let Some(v) = r.field(&limits, "pause_reading_at", within(16 * 1024, 1 << 32)) {
+            s.limits.pause_reading_at = v;
+        }
+
+        let shutdown = r.section(&root, "shutdown", &["drain_timeout"]);
+        if let Some(v) = r.field(&shutdown, "drain_timeout", yaml::duration) {
+            s.shutdown.drain_timeout = v;
+        }
+
+        let log = r.section(&root, "log", &["level", "format"]);
+        let filter = |t: &str| {
+            tracing_subscriber::EnvFilter::try_new(t.trim())
+                .map(|_| t.trim().to_string())
+                .map_err(|e| {
+                    format!("`{t}` is not a log filter (e.g. info, debug, pubwarden=debug): {e}")
+                })
+        };
+        if let Some(v) = r.field(&log, "level", filter) {
+            s.log.level = v;
+        }
+        if let Some(v) = r.field(&log, "format", log_format) {
+            s.log.format = v;
+        }
+
+        s.apply(overrides, &mut r);
+        if r.errors.is_empty() {
+            Ok(s)
+        } else {
+            Err(ConfigErrors(r.errors))
+        }
+    }
+
+    /// Defaults plus `overrides`, for running without a file.
+    pub fn from_overrides(overrides: &Overrides) -> Result<Settings, ConfigErrors> {
+        Self::from_yaml("", overrides)
+    }
+
+    fn apply(&mut self, o: &Overrides, r: &mut Reader) {
+        let one = |flag: &str, value: &Option<String>, r: &mut Reader| -> Option<String> {
+            let v = value.as_ref()?;
+            if v.trim().is_empty() {
+                r.error(flag, Pos::default(), "is set but empty");
+                return None;
+            }
+            Some(v.clone())
+        };
+        if let Some(v) = one("--listen / PUBWARDEN_LISTEN", &o.listen, r) {
+            match socket_addr(&v) {
+                Ok(a) => self.listen = a,
+                Err(e) => r.error("--listen / PUBWARDEN_LISTEN", Pos::default(), e),
+            }
+        }
+        if let Some(v) = one("--upstream / PUBWARDEN_UPSTREAM", &o.upstream, r) {
+            match host_port(&v) {
+                Ok(a) => self.upstream.address = a,
+                Err(e) => r.error("--upstream / PUBWARDEN_UPSTREAM", Pos::default(), e),
+            }
+        }
+        if let Some(v) = one(
+            "--admin-listen / PUBWARDEN_ADMIN_LISTEN",
+            &o.admin_listen,
+            r,
+        ) {
+            match socket_addr(&v) {
+                Ok(a) => self.admin.listen = a,
+                Err(e) => r.error("--admin-listen / PUBWARDEN_ADMIN_LISTEN", Pos::default(), e),
+            }
+        }
+        if self.listen == self.admin.listen {
+            r.error("admin.listen", Pos::default(), "must differ from `listen`");
+        }
+    }
+}
+
+/// The effective settings as YAML, for `check-config`.
+impl fmt::Display for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = |d: Duration| format!("{}ms", d.as_millis());
+        writeln!(f, "listen: {}", self.listen)?;
+        writeln!(f, "upstream:")?;
+        writeln!(f, "  address: {}", self.upstream.address)?;
+        writeln!(f, "  connect_timeout: {}", d(self.upstream.connect_timeout))?;
+        writeln!(
+            f,
+            "  health_check_interval: {}",
+            d(self.upstream.health_check_interval)
+        )?;
+        writeln!(f, "admin:")?;
+        writeln!(f, "  listen: {}", self.admin.listen)?;
+        writeln!(f, "limits:")?;
+        writeln!(f, "  max_bulk_len: {}", self.limits.request.max_bulk_len)?;
+        writeln!(
+            f,
+            "  max_multibulk_len: {}",
+            self.limits.request.max_multibulk_len
+        )?;
+        writeln!(
+            f,
+            "  max_inline_len: {}",
+            self.limits.request.max_inline_len
+        )?;
+        writeln!(f, "  max_reply_depth: {}", self.limits.max_reply_depth)?;
+        writeln!(f, "  max_pipeline: {}", self.limits.max_pipeline)?;
+        writeln!(f, "  pause_reading_at: {}", self.limits.pause_reading_at)?;
+        writeln!(f, "shutdown:")?;
+        writeln!(f, "  drain_timeout: {}", d(self.shutdown.drain_timeout))?;
+        writeln!(f, "log:")?;
+        writeln!(f, "  level: {}", self.log.level)?;
+        let format = match self.log.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        writeln!(f, "  format: {format}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(
+            Settings::from_yaml("", &Overrides::default()).unwrap(),
+            Settings::default()
+        );
+    }
+
+    #[test]
+    fn all_mistakes_are_listed() {
+        let text = "listen: nowhere\nupstream:\n  address: redis\n  connect_timeout: 5\nlimits:\n  max_pipeline: 0\nbogus: 1\n";
+        let err = Settings::from_yaml(text, &Overrides::default()).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "bogus",
+                "listen",
+                "upstream.address",
+                "upstream.connect_timeout",
+                "limits.max_pipeline"
+            ]
+        );
+        assert_eq!(err.0[2].pos, Pos { line: 3, col: 12 });
+    }
+
+    #[test]
+    fn overrides_win_and_are_checked() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:7000".into()),
+            upstream: Some("redis.example:6390".into()),
+            admin_listen: Some("bad".into()),
+        };
+        let err = Settings::from_yaml("listen: 127.0.0.1:1\n", &o).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].path.contains("--admin-listen"));
+        let o = Overrides {
+            admin_listen: None,
+            ..o
+        };
+        let s = Settings::from_yaml("listen: 127.0.0.1:1\n", &o).unwrap();
+        assert_eq!(s.listen.port(), 7000);
+        assert_eq!(s.upstream.address, "redis.example:6390");
+    }
+
+    #[test]
+    fn printed_settings_read_back_identically() {
+        let s = Settings::default();
+        assert_eq!(
+            Settings::from_yaml(&s.to_string(), &Overrides::default()).unwrap(),
+            s
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! # pubwarden
+//!
+//! A transparent RESP proxy for Redis that understands pub/sub. Clients
+//! connect to pubwarden as they would to Redis; each client connection is
+//! relayed over its own upstream connection (1:1), so every Redis semantic
+//! (SELECT, MULTI/EXEC, blocking commands, CLIENT REPLY, MONITOR, RESP3)
+//! survives without pubwarden having to re-implement it.
+//!
+//! ## Modules
+//! - [`config`]: process settings from YAML ([`config::yaml`] keeps line and
+//!   column for every value and reports all mistakes at once).
+//! - [`resp`]: framing. [`resp::request`] parses client requests with Redis's
+//!   own rules and limits; [`resp::frame`] finds upstream frame boundaries
+//!   (RESP2 and RESP3) in one resumable pass.
+//! - [`command`]: classifies a request once (name, kind, channel arguments).
+//! - [`session`]: per-client reply-side state: protocol, subscriptions, MULTI,
+//!   `CLIENT REPLY` flags, and the pending-reply queue that keeps answers in
+//!   request order, including answers pubwarden makes itself.
+//! - [`reply`]: every reply pubwarden writes itself.
+//! - [`proxy`]: accept loop and the per-connection relay task.
+//! - [`upstream`]: connecting to Redis, and the health check behind /readyz.
+//! - [`admin`]: HTTP /healthz and /readyz.
+//!
+//! ## Data flow
+//! ```text
+//! client --bytes--> RequestParser --frame--> Command::classify --> Session::forwarded
+//!                                                  |                 (reply owed, in order)
+//!                        original bytes, unchanged v
+//!                                             upstream Redis
+//!                                                  |
+//! client <--same bytes-- Session::on_frame <--frame-- FrameScanner
+//!                        (reply to the head of the queue, or a delivery/push)
+//! ```
+//! Nothing pubwarden does not change is re-encoded: complete frames go from
+//! the read buffer straight to the other socket.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod command;
+pub mod config;
+pub mod proxy;
+pub mod reply;
+pub mod resp;
+pub mod session;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use config::Settings;
+use upstream::Health;
+
+/// Runs pubwarden until `stop` resolves, then drains: /readyz turns unready,
+/// no new client is accepted, in-flight answers are delivered within
+/// `shutdown.drain_timeout`, and the remaining connections are closed.
+pub async fn run(settings: Settings, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen for clients on {}", settings.listen))?;
+    let admin_listener = TcpListener::bind(settings.admin.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for admin requests on {}",
+                settings.admin.listen
+            )
+        })?;
+    tracing::info!(
+        listen = %settings.listen,
+        upstream = %settings.upstream.address,
+        admin = %settings.admin.listen,
+        version = env!("CARGO_PKG_VERSION"),
+        "pubwarden started"
+    );
+
+    let health = Arc::new(Health::default());
+    let (drain_tx, drain_rx) = watch::channel(None);
+    let drain_timeout = settings.shutdown.drain_timeout;
+    let checker = tokio::spawn(upstream::watch_health(
+        settings.upstream.clone(),
+        health.clone(),
+    ));
+    let admin = tokio::spawn(admin::serve(admin_listener, health.clone()));
+    let shared = Arc::new(proxy::Shared::new(settings, health.clone(), drain_rx));
+    let acceptor = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
+
+    stop.await;
+    health.set_draining();
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let _ = drain_tx.send(Some(deadline));
+    tracing::info!(
+        open = shared.open_connections(),
+        drain_timeout_ms = drain_timeout.as_millis() as u64,
+        "shutting down: draining connections"
+    );
+    let _ = acceptor.await;
+    // Connections close themselves by the deadline; allow a moment past it
+    // for their final writes.
+    let grace = deadline + std::time::Duration::from_millis(500);
+    if tokio::time::timeout_at(grace, shared.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = shared.open_connections(),
+            "drain deadline passed with connections open"
+        );
+    }
+    checker.abort();
+    admin.abort();
+    tracing::info!("pubwarden stopped");
+    Ok(())
+}

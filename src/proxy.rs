@@ -1,0 +1,589 @@
+//! The relay: an accept loop, and one task per client connection that owns
+//! both sockets (client and its own upstream connection, 1:1).
+//!
+//! A connection task never blocks on a write. It reads whichever side is
+//! readable, parses what arrived, and writes complete frames straight from
+//! the read buffer to the other socket; only what the kernel does not take at
+//! once is copied into an outbox and written when the socket is writable
+//! again. So a client that pipelines thousands of commands before reading a
+//! reply cannot deadlock the relay, and a reader that falls behind stops the
+//! reads on the other side instead of growing pubwarden's memory.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+use crate::command::{Command, Kind};
+use crate::config::Settings;
+use crate::reply;
+use crate::resp::frame::FrameScanner;
+use crate::resp::request::RequestParser;
+use crate::session::{FrameClass, Session};
+use crate::upstream::{self, Health};
+
+/// Bytes asked of the kernel per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// What every connection task shares.
+pub struct Shared {
+    pub settings: Settings,
+    pub health: Arc<Health>,
+    /// `Some(deadline)` once shutdown has begun.
+    pub drain: watch::Receiver<Option<tokio::time::Instant>>,
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+impl Shared {
+    pub fn new(
+        settings: Settings,
+        health: Arc<Health>,
+        drain: watch::Receiver<Option<tokio::time::Instant>>,
+    ) -> Self {
+        Self {
+            settings,
+            health,
+            drain,
+            open: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+        }
+    }
+
+    /// Client connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no client connection is open.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            if self.open_connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct OpenGuard(Arc<Shared>);
+
+impl OpenGuard {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.open.fetch_add(1, Ordering::AcqRel);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// Accepts clients until shutdown begins.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let mut drain = shared.drain.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let guard = OpenGuard::new(&shared);
+                    tokio::spawn(serve(stream, peer, guard));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            _ = drain.changed() => {
+                if drain.borrow().is_some() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Why a connection ended, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    ByClient,
+    ByUpstream,
+    Quit,
+    ProtocolError,
+    UpstreamProtocolError,
+    ClientIo,
+    UpstreamIo,
+    Shutdown,
+}
+
+impl Closed {
+    fn as_str(self) -> &'static str {
+        match self {
+            Closed::ByClient => "client closed",
+            Closed::ByUpstream => "upstream closed",
+            Closed::Quit => "quit",
+            Closed::ProtocolError => "client protocol error",
+            Closed::UpstreamProtocolError => "upstream protocol error",
+            Closed::ClientIo => "client i/o error",
+            Closed::UpstreamIo => "upstream i/o error",
+            Closed::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    commands: u64,
+    replies: u64,
+    deliveries: u64,
+    bytes_from_client: u64,
+    bytes_to_client: u64,
+}
+
+async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
+    let shared = guard.0.clone();
+    let started = Instant::now();
+    let _ = client.set_nodelay(true);
+    let upstream = match upstream::connect(&shared.settings.upstream).await {
+        Ok(s) => {
+            shared.health.set_upstream(true);
+            s
+        }
+        Err(e) => {
+            shared.health.set_upstream(false);
+            tracing::warn!(%peer, upstream = %shared.settings.upstream.address, error = %e, "refusing client: upstream unavailable");
+            refuse(
+                client,
+                reply::upstream_unavailable(&shared.settings.upstream.address, &e.to_string()),
+            )
+            .await;
+            return;
+        }
+    };
+    let mut conn = Conn::new(client, upstream, &shared.settings);
+    let closed = conn.run(shared.drain.clone()).await;
+    let c = &conn.counts;
+    tracing::info!(
+        %peer,
+        duration_ms = started.elapsed().as_millis() as u64,
+        commands = c.commands,
+        replies = c.replies,
+        deliveries = c.deliveries,
+        bytes_in = c.bytes_from_client,
+        bytes_out = c.bytes_to_client,
+        reason = closed.as_str(),
+        "connection closed"
+    );
+}
+
+/// Tells the client why it cannot be served, then closes without a reset:
+/// its pending input is read and dropped so the error is not lost to an RST.
+async fn refuse(mut client: TcpStream, message: Bytes) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        client.write_all(&message).await?;
+        client.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        loop {
+            client.readable().await?;
+            match client.try_read(&mut sink) {
+                Ok(0) => return Ok::<_, io::Error>(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+}
+
+/// Bytes waiting for a socket that was not ready to take them.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Writes `data` now if nothing is queued ahead of it, and keeps what the
+    /// kernel did not take.
+    fn send(&mut self, sock: &TcpStream, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.buf.is_empty() {
+            match sock.try_write(data) {
+                Ok(n) => {
+                    if n < data.len() {
+                        self.buf.extend_from_slice(&data[n..]);
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Writes as much of the queue as the socket takes.
+    fn flush(&mut self, sock: &TcpStream) -> io::Result<()> {
+        while !self.buf.is_empty() {
+            match sock.try_write(&self.buf) {
+                Ok(n) => self.buf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        // Idle connections should not pin a large buffer.
+        self.buf = BytesMut::new();
+        Ok(())
+    }
+}
+
+/// Reads what is available into `buf`. `Ok(None)`: nothing yet.
+fn read_some(sock: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    match sock.try_read_buf(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+struct Conn {
+    client: TcpStream,
+    upstream: TcpStream,
+    parser: RequestParser,
+    scanner: FrameScanner,
+    session: Session,
+    from_client: BytesMut,
+    from_upstream: BytesMut,
+    to_upstream: Outbox,
+    to_client: Outbox,
+    max_pipeline: usize,
+    pause_at: usize,
+    /// No more client input will be read (EOF, QUIT, protocol error, drain).
+    client_done: bool,
+    /// The client closed its sending side; forwarded to Redis once flushed.
+    client_eof: bool,
+    upstream_half_closed: bool,
+    /// Close once every pending answer has been written (protocol error).
+    close_when_answered: bool,
+    draining: bool,
+    counts: Counts,
+}
+
+impl Conn {
+    fn new(client: TcpStream, upstream: TcpStream, settings: &Settings) -> Self {
+        Self {
+            client,
+            upstream,
+            parser: RequestParser::new(settings.limits.request),
+            scanner: FrameScanner::new(settings.limits.max_reply_depth),
+            session: Session::new(),
+            from_client: BytesMut::new(),
+            from_upstream: BytesMut::new(),
+            to_upstream: Outbox::default(),
+            to_client: Outbox::default(),
+            max_pipeline: settings.limits.max_pipeline,
+            pause_at: settings.limits.pause_reading_at,
+            client_done: false,
+            client_eof: false,
+            upstream_half_closed: false,
+            close_when_answered: false,
+            draining: false,
+            counts: Counts::default(),
+        }
+    }
+
+    async fn run(&mut self, mut drain: watch::Receiver<Option<tokio::time::Instant>>) -> Closed {
+        let mut deadline: Option<tokio::time::Instant> = *drain.borrow();
+        if deadline.is_some() {
+            self.begin_drain();
+        }
+        loop {
+            if let Some(reason) = self.finished() {
+                return reason;
+            }
+            let read_client = !self.client_done
+                && self.to_upstream.len() < self.pause_at
+                && self.session.pending_len() < self.max_pipeline;
+            let read_upstream = self.to_client.len() < self.pause_at;
+            let write_client = !self.to_client.is_empty();
+            let write_upstream = !self.to_upstream.is_empty();
+            let result = tokio::select! {
+                biased;
+                r = self.client.writable(), if write_client => r
+                    .and_then(|_| self.to_client.flush(&self.client))
+                    .map_err(|_| Closed::ClientIo),
+                r = self.upstream.writable(), if write_upstream => r
+                    .and_then(|_| self.to_upstream.flush(&self.upstream))
+                    .map_err(|_| Closed::UpstreamIo),
+                r = self.upstream.readable(), if read_upstream => match r {
+                    Ok(()) => self.on_upstream_readable(),
+                    Err(_) => Err(Closed::UpstreamIo),
+                },
+                r = self.client.readable(), if read_client => match r {
+                    Ok(()) => self.on_client_readable(),
+                    Err(_) => Err(Closed::ClientIo),
+                },
+                _ = drain.changed(), if deadline.is_none() => {
+                    deadline = *drain.borrow();
+                    if deadline.is_some() {
+                        self.begin_drain();
+                    }
+                    Ok(())
+                }
+                _ = sleep_until(deadline) => Err(Closed::Shutdown),
+            };
+            if let Err(reason) = result {
+                if matches!(reason, Closed::ByUpstream | Closed::UpstreamProtocolError) {
+                    self.flush_client_before_close().await;
+                }
+                return reason;
+            }
+            if self.client_eof && !self.upstream_half_closed && self.to_upstream.is_empty() {
+                // Like a TCP relay: pass the client's half-close on; Redis answers
+                // what it has read, then closes, and that ends this connection.
+                self.upstream_half_closed = true;
+                let _ = self.upstream.shutdown().await;
+            }
+        }
+    }
+
+    fn begin_drain(&mut self) {
+        self.draining = true;
+        self.client_done = true;
+    }
+
+    /// A reason to end the connection now, if there is one.
+    fn finished(&self) -> Option<Closed> {
+        let idle = self.session.pending_len() == 0
+            && self.to_client.is_empty()
+            && self.to_upstream.is_empty();
+        if self.close_when_answered && idle {
+            return Some(Closed::ProtocolError);
+        }
+        if self.draining
+            && idle
+            && !self.parser.is_mid_request()
+            && self.session.subscriptions().total() == 0
+        {
+            return Some(Closed::Shutdown);
+        }
+        None
+    }
+
+    /// Redis closed (QUIT, a kill, a crash): give the client what already
+    /// arrived, briefly, then close.
+    async fn flush_client_before_close(&mut self) {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while !self.to_client.is_empty() {
+                self.client.writable().await?;
+                self.to_client.flush(&self.client)?;
+            }
+            Ok::<_, io::Error>(())
+        })
+        .await;
+    }
+
+    fn on_client_readable(&mut self) -> Result<(), Closed> {
+        match read_some(&self.client, &mut self.from_client) {
+            Ok(None) => return Ok(()),
+            Ok(Some(0)) => {
+                self.client_done = true;
+                self.client_eof = true;
+                if self.parser.is_mid_request() || self.session.pending_len() == 0 {
+                    return Err(Closed::ByClient);
+                }
+                return Ok(());
+            }
+            Ok(Some(n)) => self.counts.bytes_from_client += n as u64,
+            Err(_) => return Err(Closed::ClientIo),
+        }
+        self.process_client_input()
+    }
+
+    fn process_client_input(&mut self) -> Result<(), Closed> {
+        let mut at = 0;
+        let mut run = 0;
+        let mut stop = false;
+        while !stop {
+            let frame = match self.parser.next(&self.from_client, at) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    // Redis answers what came before, then this error, then closes.
+                    self.to_upstream
+                        .send(&self.upstream, &self.from_client[run..at])
+                        .map_err(|_| Closed::UpstreamIo)?;
+                    let cmd = Command {
+                        kind: Kind::Other,
+                        name: "other",
+                    };
+                    self.session.answered_locally(cmd, Bytes::from(e.reply()));
+                    tracing::debug!(error = %e, "client protocol error");
+                    self.client_done = true;
+                    self.close_when_answered = true;
+                    run = at;
+                    break;
+                }
+            };
+            if frame.argc == 0 {
+                // Empty requests are skipped by Redis without an answer.
+                self.to_upstream
+                    .send(&self.upstream, &self.from_client[run..frame.start])
+                    .map_err(|_| Closed::UpstreamIo)?;
+                run = frame.end;
+                at = frame.end;
+                continue;
+            }
+            let args = self.parser.args(&self.from_client, &frame);
+            let cmd = Command::classify(&args);
+            self.session.forwarded(cmd, &args);
+            self.counts.commands += 1;
+            if frame.inline {
+                // Sent as the multibulk it means, so Redis sees the same words.
+                self.to_upstream
+                    .send(&self.upstream, &self.from_client[run..frame.start])
+                    .and_then(|_| {
+                        self.to_upstream
+                            .send(&self.upstream, self.parser.inline_encoding())
+                    })
+                    .map_err(|_| Closed::UpstreamIo)?;
+                run = frame.end;
+            }
+            at = frame.end;
+            if cmd.kind == Kind::Quit {
+                // Redis ignores whatever follows QUIT; so does pubwarden.
+                self.client_done = true;
+                stop = true;
+            }
+        }
+        self.to_upstream
+            .send(&self.upstream, &self.from_client[run..at])
+            .map_err(|_| Closed::UpstreamIo)?;
+        self.consume_client(at);
+        self.send_due_answers()
+    }
+
+    fn consume_client(&mut self, n: usize) {
+        self.from_client.advance(n);
+        self.parser.rebase(n);
+        if self.from_client.is_empty() {
+            self.from_client = BytesMut::new();
+        }
+    }
+
+    /// Writes local answers that are due now that nothing is owed before them.
+    fn send_due_answers(&mut self) -> Result<(), Closed> {
+        let (session, out, sock) = (&mut self.session, &mut self.to_client, &self.client);
+        let mut result = Ok(());
+        let mut sent = 0;
+        session.settle(|reply| {
+            sent += reply.len() as u64;
+            if result.is_ok() {
+                result = out.send(sock, &reply).map_err(|_| Closed::ClientIo);
+            }
+        });
+        self.counts.bytes_to_client += sent;
+        result
+    }
+
+    fn on_upstream_readable(&mut self) -> Result<(), Closed> {
+        match read_some(&self.upstream, &mut self.from_upstream) {
+            Ok(None) => return Ok(()),
+            Ok(Some(0)) => {
+                self.process_upstream_input()?;
+                return Err(if self.session.quit_acknowledged() {
+                    Closed::Quit
+                } else {
+                    Closed::ByUpstream
+                });
+            }
+            Ok(Some(_)) => {}
+            Err(_) => return Err(Closed::UpstreamIo),
+        }
+        self.process_upstream_input()
+    }
+
+    fn process_upstream_input(&mut self) -> Result<(), Closed> {
+        let mut at = 0;
+        let mut run = 0;
+        let mut due: Vec<Bytes> = Vec::new();
+        let result = loop {
+            let frame = match self.scanner.next(&self.from_upstream, at) {
+                Ok(Some(f)) => f,
+                Ok(None) => break Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream sent invalid RESP; closing");
+                    break Err(Closed::UpstreamProtocolError);
+                }
+            };
+            match self.session.on_frame(&frame, &self.from_upstream) {
+                FrameClass::Reply => self.counts.replies += 1,
+                FrameClass::Delivery(_) => self.counts.deliveries += 1,
+                FrameClass::OutOfBand => {}
+                FrameClass::Unexpected => {
+                    tracing::debug!("upstream frame with no request waiting for it");
+                }
+            }
+            at = frame.end;
+            self.session.settle(|reply| due.push(reply));
+            if !due.is_empty() {
+                // Local answers go right behind the frame that released them.
+                self.send_to_client(run, at)?;
+                for reply in due.drain(..) {
+                    self.to_client
+                        .send(&self.client, &reply)
+                        .map_err(|_| Closed::ClientIo)?;
+                    self.counts.bytes_to_client += reply.len() as u64;
+                }
+                run = at;
+            }
+        };
+        self.send_to_client(run, at)?;
+        self.from_upstream.advance(at);
+        self.scanner.rebase(at);
+        if self.from_upstream.is_empty() {
+            self.from_upstream = BytesMut::new();
+        }
+        result
+    }
+
+    fn send_to_client(&mut self, from: usize, to: usize) -> Result<(), Closed> {
+        self.counts.bytes_to_client += (to - from) as u64;
+        self.to_client
+            .send(&self.client, &self.from_upstream[from..to])
+            .map_err(|_| Closed::ClientIo)
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
