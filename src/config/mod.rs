@@ -358,6 +358,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_example_is_valid_and_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pubwarden.yaml");
+        assert_eq!(Settings::load(&path, &Overrides::default()).unwrap(), Settings::default());
+    }
+
+    #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(
             Settings::from_yaml("", &Overrides::default()).unwrap(),
