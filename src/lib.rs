@@ -39,6 +39,7 @@
 pub mod admin;
 pub mod command;
 pub mod config;
+pub mod glob;
 pub mod proxy;
 pub mod reply;
 pub mod resp;
