@@ -147,7 +147,8 @@ impl FrameScanner {
             e.start -= n;
             e.end -= n;
         }
-        self.elem_start -= n;
+        // Only meaningful inside the current frame; may be stale from an earlier one.
+        self.elem_start = self.elem_start.saturating_sub(n);
     }
 
     /// Scans the next frame starting at `at` (or resumes the one in progress).
@@ -389,6 +390,18 @@ mod tests {
             }
             assert_eq!(got, whole, "split at {split}");
         }
+    }
+
+    #[test]
+    fn rebase_after_an_aggregate_then_a_split_scalar() {
+        let mut s = FrameScanner::new(64);
+        let first = b"*1\r\n:1\r\n$10\r\nabc";
+        let f = s.next(first, 0).unwrap().unwrap();
+        assert_eq!(s.next(first, f.end).unwrap(), None);
+        s.rebase(f.end);
+        let rest = b"$10\r\nabcdefghij\r\n";
+        let g = s.next(rest, 0).unwrap().unwrap();
+        assert_eq!((g.start, g.end), (0, rest.len()));
     }
 
     #[test]
