@@ -56,13 +56,28 @@ use tokio::sync::watch;
 use config::Settings;
 use upstream::Health;
 
+/// Clients arrive in bursts (a fleet reconnecting after a Redis restart):
+/// a deep accept queue keeps the kernel from dropping SYNs, which would cost
+/// each dropped client a one-second retransmit. The kernel caps it at
+/// `net.core.somaxconn`.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Runs pubwarden until `stop` resolves, then drains: /readyz turns unready,
 /// no new client is accepted, in-flight answers are delivered within
 /// `shutdown.drain_timeout`, and the remaining connections are closed.
 pub async fn run(settings: Settings, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("cannot listen for clients on {}", settings.listen))?;
+    let listener = listen(settings.listen).with_context(|| format!("cannot listen for clients on {}", settings.listen))?;
     let admin_listener = TcpListener::bind(settings.admin.listen)
         .await
         .with_context(|| {
