@@ -4,6 +4,7 @@
 //! |------------|---------------------------------------------------------------|
 //! | `/healthz` | 200 while the process runs (liveness)                         |
 //! | `/readyz`  | 200 when Redis answers and no shutdown is under way, else 503 |
+//! | `/metrics` | Prometheus text; OpenMetrics when `Accept` asks for it        |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,10 +16,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
 use crate::upstream::Health;
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, health: Arc<Health>) {
+pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -29,10 +31,12 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
             }
         };
         let health = health.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let health = health.clone();
-                async move { Ok::<_, Infallible>(route(&req, &health)) }
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(route(&req, &health, &metrics)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -44,12 +48,13 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>) {
     }
 }
 
-fn route(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/metrics" => scrape(req, health, metrics),
         "/readyz" => match health.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(why) => text(
@@ -59,7 +64,7 @@ fn route(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz or /readyz\n".into(),
+            "not found; try /healthz, /readyz or /metrics\n".into(),
         ),
     }
 }
@@ -70,6 +75,29 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// `/metrics`: OpenMetrics only when the scraper lists it in `Accept`, as
+/// Prometheus does when configured for it; the classic text format otherwise.
+fn scrape(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Response<Full<Bytes>> {
+    metrics.set_upstream_up(health.upstream_ok());
+    let openmetrics = req
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let body = metrics.render(openmetrics);
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(if openmetrics {
+            OPENMETRICS_CONTENT_TYPE
+        } else {
+            TEXT_CONTENT_TYPE
+        }),
     );
     resp
 }

@@ -101,10 +101,64 @@ impl Command {
             11 if is("unsubscribe") => (Kind::Unsubscribe(SubKind::Channel), "unsubscribe"),
             12 if is("punsubscribe") => (Kind::Unsubscribe(SubKind::Pattern), "punsubscribe"),
             12 if is("sunsubscribe") => (Kind::Unsubscribe(SubKind::Shard), "sunsubscribe"),
-            _ => (Kind::Other, "other"),
+            _ => (Kind::Other, common_name(name)),
         };
         Command { kind, name }
     }
+}
+
+/// Frequent commands with no kind of their own, named so that per-command
+/// metrics can tell them apart; anything else is `other`.
+const COMMON: &[&str] = &[
+    "get",
+    "set",
+    "del",
+    "exists",
+    "expire",
+    "ttl",
+    "type",
+    "incr",
+    "decr",
+    "mget",
+    "mset",
+    "hget",
+    "hset",
+    "hdel",
+    "hgetall",
+    "lpush",
+    "rpush",
+    "lpop",
+    "rpop",
+    "lrange",
+    "blpop",
+    "brpop",
+    "sadd",
+    "srem",
+    "smembers",
+    "zadd",
+    "zrem",
+    "zrange",
+    "xadd",
+    "xread",
+    "xreadgroup",
+    "eval",
+    "evalsha",
+    "fcall",
+    "select",
+    "info",
+    "pubsub",
+    "watch",
+    "unwatch",
+    "scan",
+    "keys",
+];
+
+fn common_name(name: &[u8]) -> &'static str {
+    COMMON
+        .iter()
+        .find(|c| c.len() == name.len() && name.eq_ignore_ascii_case(c.as_bytes()))
+        .copied()
+        .unwrap_or("other")
 }
 
 fn hello_version(args: &Args<'_>) -> Option<u8> {
@@ -164,6 +218,13 @@ mod tests {
         assert_eq!(classify("client reply maybe").kind, Kind::Other);
         assert_eq!(
             classify("GET k"),
+            Command {
+                kind: Kind::Other,
+                name: "get"
+            }
+        );
+        assert_eq!(
+            classify("FROBNICATE k"),
             Command {
                 kind: Kind::Other,
                 name: "other"

@@ -15,7 +15,9 @@ pub fn matches(pattern: &[u8], text: &[u8]) -> bool {
 
 /// True when the pattern has no glob syntax, so plain equality decides.
 pub fn is_literal(pattern: &[u8]) -> bool {
-    !pattern.iter().any(|b| matches!(b, b'*' | b'?' | b'[' | b'\\'))
+    !pattern
+        .iter()
+        .any(|b| matches!(b, b'*' | b'?' | b'[' | b'\\'))
 }
 
 fn match_impl(pattern: &[u8], text: &[u8], skip_longer: &mut bool, nesting: u32) -> bool {
@@ -156,7 +158,10 @@ mod tests {
             ("a[", "a["),
         ];
         for (p, s) in no {
-            assert!(!matches(p.as_bytes(), s.as_bytes()), "{p} should not match {s}");
+            assert!(
+                !matches(p.as_bytes(), s.as_bytes()),
+                "{p} should not match {s}"
+            );
         }
         assert!(matches(b"", b""));
         assert!(matches(b"ch\r\n*", b"ch\r\n\x00\xff"));

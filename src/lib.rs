@@ -19,7 +19,9 @@
 //! - [`reply`]: every reply pubwarden writes itself.
 //! - [`proxy`]: accept loop and the per-connection relay task.
 //! - [`upstream`]: connecting to Redis, and the health check behind /readyz.
-//! - [`admin`]: HTTP /healthz and /readyz.
+//! - [`admin`]: HTTP /healthz, /readyz and /metrics.
+//! - [`metrics`]: Prometheus families; per-connection handles and counts that
+//!   the relay flushes once per read batch (see `docs/metrics.md`).
 //!
 //! ## Data flow
 //! ```text
@@ -40,6 +42,8 @@ pub mod admin;
 pub mod command;
 pub mod config;
 pub mod glob;
+pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod reply;
 pub mod resp;
@@ -55,6 +59,29 @@ use tokio::sync::watch;
 
 use config::Settings;
 use upstream::Health;
+
+/// Learns the upstream's command table for policy checks, retrying until
+/// Redis answers; until then the built-in Redis 7.0 table applies.
+async fn learn_commands(upstream: config::Upstream, runtime: Arc<policy::gate::PolicyRuntime>) {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match upstream::fetch_command_table(&upstream).await {
+            Ok(table) => {
+                tracing::info!(
+                    commands = table.len(),
+                    "learned the command table from Redis"
+                );
+                runtime.commands.store(Arc::new(table));
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read COMMAND from Redis yet; using the built-in table");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
 
 /// Clients arrive in bursts (a fleet reconnecting after a Redis restart):
 /// a deep accept queue keeps the kernel from dropping SYNs, which would cost
@@ -76,8 +103,13 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 /// Runs pubwarden until `stop` resolves, then drains: /readyz turns unready,
 /// no new client is accepted, in-flight answers are delivered within
 /// `shutdown.drain_timeout`, and the remaining connections are closed.
-pub async fn run(settings: Settings, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let listener = listen(settings.listen).with_context(|| format!("cannot listen for clients on {}", settings.listen))?;
+pub async fn run(
+    settings: Settings,
+    policy: Option<policy::Policy>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let listener = listen(settings.listen)
+        .with_context(|| format!("cannot listen for clients on {}", settings.listen))?;
     let admin_listener = TcpListener::bind(settings.admin.listen)
         .await
         .with_context(|| {
@@ -101,8 +133,26 @@ pub async fn run(settings: Settings, stop: impl Future<Output = ()>) -> anyhow::
         settings.upstream.clone(),
         health.clone(),
     ));
-    let admin = tokio::spawn(admin::serve(admin_listener, health.clone()));
-    let shared = Arc::new(proxy::Shared::new(settings, health.clone(), drain_rx));
+    let metrics = Arc::new(metrics::Metrics::new(&settings.metrics));
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        health.clone(),
+        metrics.clone(),
+    ));
+    let policy = policy.map(|p| {
+        Arc::new(policy::gate::PolicyRuntime::new(
+            p,
+            policy::commands::CommandTable::built_in(),
+        ))
+    });
+    let learner = policy
+        .clone()
+        .map(|rt| tokio::spawn(learn_commands(settings.upstream.clone(), rt)));
+    let shared = Arc::new(
+        proxy::Shared::new(settings, health.clone(), drain_rx)
+            .with_metrics(metrics)
+            .with_policy(policy),
+    );
     let acceptor = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
 
     stop.await;
@@ -129,6 +179,9 @@ pub async fn run(settings: Settings, stop: impl Future<Output = ()>) -> anyhow::
     }
     checker.abort();
     admin.abort();
+    if let Some(learner) = learner {
+        learner.abort();
+    }
     tracing::info!("pubwarden stopped");
     Ok(())
 }

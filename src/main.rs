@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pubwarden::config::{LogFormat, Overrides, Settings};
+use pubwarden::policy::{self, Policy};
 
 /// Exit status for unusable configuration (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -28,6 +29,9 @@ struct Cli {
     /// Admin HTTP address for /healthz and /readyz (wins over the file).
     #[arg(long, env = "PUBWARDEN_ADMIN_LISTEN", global = true)]
     admin_listen: Option<String>,
+    /// Policy file (users, channel ACL, rate limits); wins over `policy:` in the file.
+    #[arg(long, env = "PUBWARDEN_POLICY", global = true)]
+    policy: Option<String>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -36,11 +40,13 @@ struct Cli {
 enum Cmd {
     /// Run the proxy (the default).
     Run,
-    /// Validate a settings file and print the effective settings.
+    /// Validate a settings file (and its policy) and print what they mean.
     CheckConfig {
         /// The settings file to check.
         file: PathBuf,
     },
+    /// Read a password on stdin and print the `sha256:` line for a policy file.
+    HashPassword,
 }
 
 fn main() -> ExitCode {
@@ -49,9 +55,11 @@ fn main() -> ExitCode {
         listen: cli.listen.clone(),
         upstream: cli.upstream.clone(),
         admin_listen: cli.admin_listen.clone(),
+        policy: cli.policy.clone(),
     };
     match cli.command {
         Some(Cmd::CheckConfig { file }) => check_config(&file, &overrides),
+        Some(Cmd::HashPassword) => hash_password(),
         None | Some(Cmd::Run) => run(cli.config.as_deref(), &overrides),
     }
 }
@@ -71,20 +79,78 @@ fn load(file: Option<&std::path::Path>, overrides: &Overrides) -> Result<Setting
     })
 }
 
-fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
-    match load(Some(file), overrides) {
-        Ok(settings) => {
-            println!("# {}: valid. Effective settings:", file.display());
-            print!("{settings}");
-            ExitCode::SUCCESS
+fn load_policy(settings: &Settings) -> Result<Option<Policy>, ExitCode> {
+    let Some(path) = &settings.policy else {
+        return Ok(None);
+    };
+    policy::schema::load(path).map(Some).map_err(|errors| {
+        eprintln!(
+            "pubwarden: {} problem(s) in policy {}:",
+            errors.0.len(),
+            path.display()
+        );
+        for e in &errors.0 {
+            eprintln!("  {e}");
         }
-        Err(code) => code,
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
+    let settings = match load(Some(file), overrides) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let policy = match load_policy(&settings) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    println!("# {}: valid. Effective settings:", file.display());
+    print!("{settings}");
+    match policy {
+        Some(p) => {
+            println!();
+            println!("# What the policy allows:");
+            for line in p
+                .explain(&policy::commands::CommandTable::built_in())
+                .lines()
+            {
+                println!("# {line}");
+            }
+        }
+        None => println!("# No policy: pubwarden is transparent; AUTH and ACL are Redis's."),
     }
+    ExitCode::SUCCESS
+}
+
+fn hash_password() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+        eprintln!("pubwarden: cannot read the password from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = input.strip_suffix('\n').unwrap_or(&input);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        eprintln!(
+            "pubwarden: empty password (type it on stdin, e.g. `printf %s 'secret' | pubwarden hash-password`)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    println!(
+        "{}",
+        policy::format_hash(&policy::hash_password(password.as_bytes()))
+    );
+    ExitCode::SUCCESS
 }
 
 fn run(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCode {
     let settings = match load(file, overrides) {
         Ok(s) => s,
+        Err(code) => return code,
+    };
+    let policy = match load_policy(&settings) {
+        Ok(p) => p,
         Err(code) => return code,
     };
     if let Err(e) = init_logging(&settings) {
@@ -101,7 +167,7 @@ fn run(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(pubwarden::run(settings, shutdown_signal())) {
+    match runtime.block_on(pubwarden::run(settings, policy, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -22,6 +22,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::command::{Command, Kind};
 use crate::config::Settings;
+use crate::metrics::{ConnMetrics, Metrics, UpstreamError};
+use crate::policy::gate::{Gate, PolicyRuntime, Verdict};
 use crate::reply;
 use crate::resp::frame::FrameScanner;
 use crate::resp::request::RequestParser;
@@ -39,6 +41,9 @@ pub struct Shared {
     pub drain: watch::Receiver<Option<tokio::time::Instant>>,
     open: AtomicUsize,
     all_closed: Notify,
+    pub metrics: Arc<Metrics>,
+    /// `None`: no policy, pubwarden is transparent (AUTH goes to Redis).
+    pub policy: Option<Arc<PolicyRuntime>>,
 }
 
 impl Shared {
@@ -48,12 +53,27 @@ impl Shared {
         drain: watch::Receiver<Option<tokio::time::Instant>>,
     ) -> Self {
         Self {
+            metrics: Arc::new(Metrics::new(&settings.metrics)),
+            policy: None,
             settings,
             health,
             drain,
             open: AtomicUsize::new(0),
             all_closed: Notify::new(),
         }
+    }
+
+    /// Uses `metrics` (shared with the admin listener) instead of a registry
+    /// of its own.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Checks every request against `policy`.
+    pub fn with_policy(mut self, policy: Option<Arc<PolicyRuntime>>) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Client connections currently open.
@@ -141,6 +161,16 @@ impl Closed {
             Closed::Shutdown => "shutdown",
         }
     }
+
+    /// The upstream failure this close counts as, if it was one.
+    fn upstream_error(self) -> Option<UpstreamError> {
+        match self {
+            Closed::ByUpstream => Some(UpstreamError::Closed),
+            Closed::UpstreamIo => Some(UpstreamError::Io),
+            Closed::UpstreamProtocolError => Some(UpstreamError::Protocol),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -156,13 +186,32 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
     let shared = guard.0.clone();
     let started = Instant::now();
     let _ = client.set_nodelay(true);
+    let _client_gauge = shared.metrics.client_connected();
+    let gate = match &shared.policy {
+        Some(runtime) => match Gate::new(runtime.clone(), peer.ip()) {
+            Ok(gate) => Some(gate),
+            Err(reply) => {
+                shared.metrics.client_rejected();
+                tracing::warn!(%peer, "refusing client: the default user's max_connections is reached");
+                refuse(client, reply).await;
+                return;
+            }
+        },
+        None => None,
+    };
     let upstream = match upstream::connect(&shared.settings.upstream).await {
         Ok(s) => {
             shared.health.set_upstream(true);
+            shared.metrics.upstream_connected();
             s
         }
         Err(e) => {
             shared.health.set_upstream(false);
+            shared.metrics.upstream_connect_failed(
+                matches!(e, upstream::ConnectError::Timeout(_)),
+                matches!(&e, upstream::ConnectError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused),
+            );
+            shared.metrics.client_rejected();
             tracing::warn!(%peer, upstream = %shared.settings.upstream.address, error = %e, "refusing client: upstream unavailable");
             refuse(
                 client,
@@ -173,10 +222,23 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
         }
     };
     let mut conn = Conn::new(client, upstream, &shared.settings);
+    if let Some(gate) = &gate {
+        conn.parser.set_unauthenticated(!gate.authenticated());
+    }
+    conn.gate = gate;
+    if shared.metrics.enabled() {
+        conn.count_with(&shared.metrics);
+    }
     let closed = conn.run(shared.drain.clone()).await;
+    shared.metrics.upstream_disconnected();
+    if let Some(kind) = closed.upstream_error() {
+        shared.metrics.upstream_error(kind);
+    }
     let c = &conn.counts;
+    let user = conn.gate.as_ref().and_then(Gate::user_name).unwrap_or("-");
     tracing::info!(
         %peer,
+        user,
         duration_ms = started.elapsed().as_millis() as u64,
         commands = c.commands,
         replies = c.replies,
@@ -293,9 +355,25 @@ struct Conn {
     close_when_answered: bool,
     draining: bool,
     counts: Counts,
+    /// `None` when metrics are off: then the relay does no metric work.
+    metrics: Option<ConnMetrics>,
+    /// The policy gate; `None` without a policy.
+    gate: Option<Gate>,
+    /// pubwarden's own AUTH, re-sent after a client's RESET signs the
+    /// upstream connection out.
+    upstream_auth: Option<Bytes>,
+    /// A request held by a rate limit: when to ask again, and for how long it waited.
+    hold: Option<(tokio::time::Instant, std::time::Duration)>,
 }
 
 impl Conn {
+    fn count_with(&mut self, metrics: &Arc<Metrics>) {
+        let m = ConnMetrics::new(metrics.clone());
+        self.session
+            .observe_subscriptions(m.subscription_observer());
+        self.metrics = Some(m);
+    }
+
     fn new(client: TcpStream, upstream: TcpStream, settings: &Settings) -> Self {
         Self {
             client,
@@ -315,6 +393,10 @@ impl Conn {
             close_when_answered: false,
             draining: false,
             counts: Counts::default(),
+            metrics: None,
+            gate: None,
+            upstream_auth: upstream::auth_command(&settings.upstream),
+            hold: None,
         }
     }
 
@@ -328,6 +410,7 @@ impl Conn {
                 return reason;
             }
             let read_client = !self.client_done
+                && self.hold.is_none()
                 && self.to_upstream.len() < self.pause_at
                 && self.session.pending_len() < self.max_pipeline;
             let read_upstream = self.to_client.len() < self.pause_at;
@@ -337,6 +420,11 @@ impl Conn {
                 biased;
                 r = self.client.writable(), if write_client => r
                     .and_then(|_| self.to_client.flush(&self.client))
+                    .map(|()| {
+                        if let Some(m) = &mut self.metrics {
+                            m.output_waiting(self.to_client.len());
+                        }
+                    })
                     .map_err(|_| Closed::ClientIo),
                 r = self.upstream.writable(), if write_upstream => r
                     .and_then(|_| self.to_upstream.flush(&self.upstream))
@@ -355,6 +443,12 @@ impl Conn {
                         self.begin_drain();
                     }
                     Ok(())
+                }
+                _ = sleep_until(self.hold.map(|(until, _)| until)), if self.hold.is_some() => {
+                    if let (Some((_, waited)), Some(gate)) = (self.hold.take(), self.gate.as_mut()) {
+                        gate.held_for(waited);
+                    }
+                    self.process_client_input()
                 }
                 _ = sleep_until(deadline) => Err(Closed::Shutdown),
             };
@@ -427,6 +521,9 @@ impl Conn {
     }
 
     fn process_client_input(&mut self) -> Result<(), Closed> {
+        if let Some(m) = &mut self.metrics {
+            m.begin_batch();
+        }
         let mut at = 0;
         let mut run = 0;
         let mut stop = false;
@@ -462,18 +559,71 @@ impl Conn {
             }
             let args = self.parser.args(&self.from_client, &frame);
             let cmd = Command::classify(&args);
-            self.session.forwarded(cmd, &args);
+            let verdict = match self.gate.as_mut() {
+                Some(gate) => gate.check(&cmd, &args, std::time::Instant::now()),
+                None => Verdict::Forward,
+            };
+            // Bytes that go upstream instead of the request's own, if any.
+            let mut instead: Option<Bytes> = None;
+            match verdict {
+                Verdict::Delay(wait) => {
+                    // Hold it unread, and everything behind it: backpressure.
+                    self.hold = Some((tokio::time::Instant::now() + wait, wait));
+                    break;
+                }
+                Verdict::Answer { reply, upstream } => {
+                    self.to_upstream
+                        .send(&self.upstream, &self.from_client[run..frame.start])
+                        .map_err(|_| Closed::UpstreamIo)?;
+                    if let Some(internal) = upstream {
+                        self.session.internal(cmd);
+                        self.to_upstream
+                            .send(&self.upstream, internal)
+                            .map_err(|_| Closed::UpstreamIo)?;
+                    }
+                    self.session.answered_locally(cmd, reply);
+                    run = frame.end;
+                }
+                Verdict::ForwardAs(bytes) => {
+                    self.session.forwarded(cmd, &args);
+                    instead = Some(bytes);
+                }
+                Verdict::ForwardFiltered => self.session.forwarded_filtered(cmd, &args),
+                Verdict::Forward => {
+                    self.session.forwarded(cmd, &args);
+                    if frame.inline {
+                        // Sent as the multibulk it means, so Redis sees the same words.
+                        instead = Some(Bytes::copy_from_slice(self.parser.inline_encoding()));
+                    }
+                }
+            }
+            if let Some(m) = &mut self.metrics {
+                m.request(self.session.enqueued() - 1, &cmd, &args);
+            }
             self.counts.commands += 1;
-            if frame.inline {
-                // Sent as the multibulk it means, so Redis sees the same words.
+            if let Some(bytes) = instead {
                 self.to_upstream
                     .send(&self.upstream, &self.from_client[run..frame.start])
-                    .and_then(|_| {
-                        self.to_upstream
-                            .send(&self.upstream, self.parser.inline_encoding())
-                    })
+                    .and_then(|_| self.to_upstream.send(&self.upstream, &bytes))
                     .map_err(|_| Closed::UpstreamIo)?;
                 run = frame.end;
+            }
+            if cmd.kind == Kind::Reset
+                && let Some(auth) = &self.upstream_auth
+            {
+                // RESET signed Redis's side out of pubwarden's own user.
+                self.to_upstream
+                    .send(&self.upstream, &self.from_client[run..frame.end])
+                    .and_then(|_| self.to_upstream.send(&self.upstream, auth))
+                    .map_err(|_| Closed::UpstreamIo)?;
+                self.session.internal(Command {
+                    kind: Kind::Other,
+                    name: "auth",
+                });
+                run = frame.end;
+            }
+            if let Some(gate) = &self.gate {
+                self.parser.set_unauthenticated(!gate.authenticated());
             }
             at = frame.end;
             if cmd.kind == Kind::Quit {
@@ -509,6 +659,10 @@ impl Conn {
             }
         });
         self.counts.bytes_to_client += sent;
+        if let Some(m) = &mut self.metrics {
+            m.answered(&self.session, None);
+            m.end_client_batch();
+        }
         result
     }
 
@@ -533,6 +687,9 @@ impl Conn {
         let mut at = 0;
         let mut run = 0;
         let mut due: Vec<Bytes> = Vec::new();
+        if let Some(m) = &mut self.metrics {
+            m.begin_batch();
+        }
         let result = loop {
             let frame = match self.scanner.next(&self.from_upstream, at) {
                 Ok(Some(f)) => f,
@@ -542,16 +699,60 @@ impl Conn {
                     break Err(Closed::UpstreamProtocolError);
                 }
             };
-            match self.session.on_frame(&frame, &self.from_upstream) {
+            let class = self.session.on_frame(&frame, &self.from_upstream);
+            match class {
                 FrameClass::Reply => self.counts.replies += 1,
-                FrameClass::Delivery(_) => self.counts.deliveries += 1,
+                FrameClass::Delivery(kind) => {
+                    self.counts.deliveries += 1;
+                    if let Some(m) = &mut self.metrics {
+                        m.delivery(kind, &frame, &self.from_upstream);
+                    }
+                }
                 FrameClass::OutOfBand => {}
                 FrameClass::Unexpected => {
                     tracing::debug!("upstream frame with no request waiting for it");
                 }
+                FrameClass::Internal => {}
+                FrameClass::Filtered => self.counts.replies += 1,
+            }
+            if class == FrameClass::Filtered {
+                let kept = self.gate.as_ref().and_then(|g| {
+                    filter_channel_list(&self.from_upstream[frame.start..frame.end], |ch| {
+                        g.may_see(ch)
+                    })
+                });
+                if let Some(kept) = kept {
+                    self.send_to_client(run, frame.start)?;
+                    self.to_client
+                        .send(&self.client, &kept)
+                        .map_err(|_| Closed::ClientIo)?;
+                    self.counts.bytes_to_client += kept.len() as u64;
+                    run = frame.end;
+                }
+            }
+            let hidden = match class {
+                FrameClass::Internal => true,
+                // A pattern subscription must not carry a denied channel's messages.
+                FrameClass::Delivery(crate::session::DeliveryKind::PMessage) => {
+                    self.gate.as_ref().is_some_and(|g| {
+                        g.filters_deliveries()
+                            && frame
+                                .str_elem(&self.from_upstream, 2)
+                                .is_some_and(|ch| g.hides_delivery(ch))
+                    })
+                }
+                _ => false,
+            };
+            if hidden {
+                self.send_to_client(run, frame.start)?;
+                run = frame.end;
             }
             at = frame.end;
             self.session.settle(|reply| due.push(reply));
+            if let Some(m) = &mut self.metrics {
+                let reply = (class == FrameClass::Reply).then_some(&frame);
+                m.answered(&self.session, reply.map(|f| (f, &self.from_upstream[..])));
+            }
             if !due.is_empty() {
                 // Local answers go right behind the frame that released them.
                 self.send_to_client(run, at)?;
@@ -565,6 +766,9 @@ impl Conn {
             }
         };
         self.send_to_client(run, at)?;
+        if let Some(m) = &mut self.metrics {
+            m.end_batch(self.to_client.len());
+        }
         self.from_upstream.advance(at);
         self.scanner.rebase(at);
         if self.from_upstream.is_empty() {
@@ -579,6 +783,26 @@ impl Conn {
             .send(&self.client, &self.from_upstream[from..to])
             .map_err(|_| Closed::ClientIo)
     }
+}
+
+/// Re-encodes a list of channel names keeping only those `keep` accepts;
+/// `None` when the frame is not such a list (an error passes unchanged).
+fn filter_channel_list(frame: &[u8], keep: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    let crate::resp::value::Value::Array(items) = crate::resp::value::decode(frame, 4).ok()? else {
+        return None;
+    };
+    let kept: Vec<&[u8]> = items
+        .iter()
+        .filter_map(crate::resp::value::Value::as_bytes)
+        .filter(|ch| keep(ch))
+        .collect();
+    let mut out = format!("*{}\r\n", kept.len()).into_bytes();
+    for ch in kept {
+        out.extend_from_slice(format!("${}\r\n", ch.len()).as_bytes());
+        out.extend_from_slice(ch);
+        out.extend_from_slice(b"\r\n");
+    }
+    Some(out)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

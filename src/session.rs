@@ -31,6 +31,11 @@ struct Owed {
     cmd: Command,
     /// The channel arguments of (un)subscribe commands, kept to track the set.
     channels: Vec<Box<[u8]>>,
+    /// Sent by pubwarden itself (re-AUTH after RESET, DISCARD for an aborted
+    /// transaction): its answer is not the client's to see.
+    internal: bool,
+    /// The answer is a list of channels to filter before the client sees it.
+    filtered: bool,
 }
 
 /// What the active head entry still waits for.
@@ -57,6 +62,8 @@ enum Active {
 struct Head {
     kind: Kind,
     wait: Active,
+    internal: bool,
+    filtered: bool,
 }
 
 /// `CLIENT REPLY` state, modelled on Redis's REPLY_OFF / SKIP / SKIP_NEXT flags.
@@ -78,6 +85,10 @@ pub enum FrameClass {
     OutOfBand,
     /// A frame nothing was waiting for; relayed anyway.
     Unexpected,
+    /// The answer to pubwarden's own command: not forwarded.
+    Internal,
+    /// A reply to a command whose answer pubwarden filters (`PUBSUB CHANNELS`).
+    Filtered,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,12 +98,19 @@ pub enum DeliveryKind {
     SMessage,
 }
 
+/// Told about every change to a session's subscription set, so that gauges
+/// move exactly where the set changes and never drift from it.
+pub trait SubscriptionObserver: Send + std::fmt::Debug {
+    fn changed(&mut self, kind: SubKind, name: &[u8], added: bool);
+}
+
 /// The channels, patterns and shard channels a connection is subscribed to.
 #[derive(Debug, Default)]
 pub struct Subscriptions {
     channels: HashSet<Box<[u8]>>,
     patterns: HashSet<Box<[u8]>>,
     shard: HashSet<Box<[u8]>>,
+    observer: Option<Box<dyn SubscriptionObserver>>,
 }
 
 impl Subscriptions {
@@ -102,6 +120,39 @@ impl Subscriptions {
             SubKind::Pattern => &mut self.patterns,
             SubKind::Shard => &mut self.shard,
         }
+    }
+
+    // Every change goes through add/remove/clear_kind so the observer sees it.
+    fn add(&mut self, kind: SubKind, name: Box<[u8]>) {
+        if self.observer.is_some() && self.set(kind).contains(&name) {
+            return;
+        }
+        if let Some(o) = self.observer.as_mut() {
+            o.changed(kind, &name, true);
+        }
+        self.set(kind).insert(name);
+    }
+
+    fn remove(&mut self, kind: SubKind, name: &[u8]) {
+        if self.set(kind).remove(name)
+            && let Some(o) = self.observer.as_mut()
+        {
+            o.changed(kind, name, false);
+        }
+    }
+
+    fn clear_kind(&mut self, kind: SubKind) {
+        let set = match kind {
+            SubKind::Channel => &mut self.channels,
+            SubKind::Pattern => &mut self.patterns,
+            SubKind::Shard => &mut self.shard,
+        };
+        if let Some(o) = self.observer.as_mut() {
+            for name in set.iter() {
+                o.changed(kind, name, false);
+            }
+        }
+        set.clear();
     }
 
     pub fn len(&self, kind: SubKind) -> usize {
@@ -125,9 +176,9 @@ impl Subscriptions {
     }
 
     fn clear(&mut self) {
-        self.channels.clear();
-        self.patterns.clear();
-        self.shard.clear();
+        self.clear_kind(SubKind::Channel);
+        self.clear_kind(SubKind::Pattern);
+        self.clear_kind(SubKind::Shard);
     }
 }
 
@@ -143,6 +194,11 @@ pub struct Session {
     quit: bool,
     pending: VecDeque<Pending>,
     active: Option<Head>,
+    /// Requests ever queued, and ever finished. Both advance in queue order,
+    /// so request number n (from 0) ends when `completed` passes n: that is
+    /// how metrics pair a request with the end of its reply.
+    enqueued: u64,
+    completed: u64,
 }
 
 impl Default for Session {
@@ -162,7 +218,24 @@ impl Session {
             quit: false,
             pending: VecDeque::new(),
             active: None,
+            enqueued: 0,
+            completed: 0,
         }
+    }
+
+    /// Reports every later change of the subscription set to `observer`.
+    pub fn observe_subscriptions(&mut self, observer: Box<dyn SubscriptionObserver>) {
+        self.subs.observer = Some(observer);
+    }
+
+    /// Requests queued so far; the next one queued gets this number.
+    pub fn enqueued(&self) -> u64 {
+        self.enqueued
+    }
+
+    /// Requests whose answer has ended (or was suppressed) so far.
+    pub fn completed(&self) -> u64 {
+        self.completed
     }
 
     /// The protocol (2 or 3) Redis speaks on this connection.
@@ -192,13 +265,38 @@ impl Session {
             }
             _ => Vec::new(),
         };
-        self.pending
-            .push_back(Pending::Owed(Owed { cmd, channels }));
+        self.pending.push_back(Pending::Owed(Owed {
+            cmd,
+            channels,
+            internal: false,
+            filtered: false,
+        }));
+        self.enqueued += 1;
+    }
+
+    /// Like [`Self::forwarded`], for a command whose answer pubwarden filters.
+    pub fn forwarded_filtered(&mut self, cmd: Command, args: &Args<'_>) {
+        self.forwarded(cmd, args);
+        if let Some(Pending::Owed(owed)) = self.pending.back_mut() {
+            owed.filtered = true;
+        }
+    }
+
+    /// pubwarden sends a command of its own; its answer is swallowed.
+    pub fn internal(&mut self, cmd: Command) {
+        self.pending.push_back(Pending::Owed(Owed {
+            cmd,
+            channels: Vec::new(),
+            internal: true,
+            filtered: false,
+        }));
+        self.enqueued += 1;
     }
 
     /// pubwarden answers a request itself; the answer waits for its turn.
     pub fn answered_locally(&mut self, cmd: Command, reply: Bytes) {
         self.pending.push_back(Pending::Local { cmd, reply });
+        self.enqueued += 1;
     }
 
     /// Activates head entries that need no upstream frame and hands out local
@@ -211,13 +309,22 @@ impl Session {
                 Some(Pending::Local { cmd, reply }) => {
                     let suppressed = self.begin_command(cmd.kind, false);
                     self.end_command(cmd.kind, false);
+                    self.completed += 1;
                     if !suppressed {
                         emit(reply);
                     }
                 }
                 Some(Pending::Owed(owed)) => {
-                    let kind = owed.cmd.kind;
-                    self.active = self.activate(owed).map(|wait| Head { kind, wait });
+                    let (kind, internal, filtered) = (owed.cmd.kind, owed.internal, owed.filtered);
+                    self.active = self.activate(owed).map(|wait| Head {
+                        kind,
+                        wait,
+                        internal,
+                        filtered,
+                    });
+                    if self.active.is_none() {
+                        self.completed += 1;
+                    }
                 }
             }
         }
@@ -324,13 +431,13 @@ impl Session {
         match owed.cmd.kind {
             Kind::Subscribe(kind) => {
                 for ch in owed.channels {
-                    self.subs.set(kind).insert(ch);
+                    self.subs.add(kind, ch);
                 }
             }
-            Kind::Unsubscribe(kind) if owed.channels.is_empty() => self.subs.set(kind).clear(),
+            Kind::Unsubscribe(kind) if owed.channels.is_empty() => self.subs.clear_kind(kind),
             Kind::Unsubscribe(kind) => {
                 for ch in &owed.channels {
-                    self.subs.set(kind).remove(ch);
+                    self.subs.remove(kind, ch);
                 }
             }
             Kind::Hello(Some(v)) => self.proto = v,
@@ -393,7 +500,7 @@ impl Session {
         for kind in [SubKind::Channel, SubKind::Pattern, SubKind::Shard] {
             if confirmation(f, buf, kind, false) {
                 if let Some(ch) = f.str_elem(buf, 1) {
-                    self.subs.set(kind).remove(ch);
+                    self.subs.remove(kind, ch);
                 }
                 break;
             }
@@ -402,7 +509,13 @@ impl Session {
     }
 
     fn on_reply(&mut self, f: &Frame, buf: &[u8]) -> FrameClass {
-        let Some(Head { kind, wait }) = self.active.take() else {
+        let Some(Head {
+            kind,
+            wait,
+            internal,
+            filtered,
+        }) = self.active.take()
+        else {
             return FrameClass::Unexpected;
         };
         let more = match wait {
@@ -420,13 +533,12 @@ impl Session {
                     None
                 } else {
                     if confirmation(f, buf, sub, subscribe) {
-                        let set = self.subs.set(sub);
                         match f.str_elem(buf, 1) {
                             Some(ch) if subscribe => {
-                                set.insert(Box::from(ch));
+                                self.subs.add(sub, Box::from(ch));
                             }
                             Some(ch) => {
-                                set.remove(ch);
+                                self.subs.remove(sub, ch);
                             }
                             None => {}
                         }
@@ -449,8 +561,22 @@ impl Session {
             }
             Active::Exec(queued) => self.finish_exec(f, &queued).map(Active::Frames),
         };
-        self.active = more.map(|wait| Head { kind, wait });
-        FrameClass::Reply
+        if more.is_none() {
+            self.completed += 1;
+        }
+        self.active = more.map(|wait| Head {
+            kind,
+            wait,
+            internal,
+            filtered,
+        });
+        if internal {
+            FrameClass::Internal
+        } else if filtered {
+            FrameClass::Filtered
+        } else {
+            FrameClass::Reply
+        }
     }
 
     /// The first frame of EXEC's answer. Redis writes one array element per
@@ -474,17 +600,17 @@ impl Session {
                 Kind::Subscribe(kind) => {
                     frames += q.channels.len().max(1);
                     for ch in &q.channels {
-                        self.subs.set(kind).insert(ch.clone());
+                        self.subs.add(kind, ch.clone());
                     }
                 }
                 Kind::Unsubscribe(kind) => {
                     if q.channels.is_empty() {
                         frames += self.subs.len(kind).max(1);
-                        self.subs.set(kind).clear();
+                        self.subs.clear_kind(kind);
                     } else {
                         frames += q.channels.len();
                         for ch in &q.channels {
-                            self.subs.set(kind).remove(ch);
+                            self.subs.remove(kind, ch);
                         }
                     }
                 }

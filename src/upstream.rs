@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -17,17 +18,63 @@ pub enum ConnectError {
     Timeout(Duration),
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// Redis refused pubwarden's own credentials (its error text, which
+    /// never contains the password).
+    #[error("Redis refused pubwarden's credentials: {0}")]
+    Auth(String),
+}
+
+/// `AUTH [username] password` with pubwarden's credentials, if configured.
+pub fn auth_command(settings: &Upstream) -> Option<Bytes> {
+    let password = settings.password.as_ref()?;
+    let mut args: Vec<&[u8]> = vec![b"AUTH"];
+    if let Some(u) = &settings.username {
+        args.push(u.as_bytes());
+    }
+    args.push(password.expose());
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    Some(Bytes::from(out))
+}
+
+/// Sends AUTH and reads its one-line answer before any client byte flows.
+async fn authenticate(stream: &mut TcpStream, auth: &[u8]) -> Result<(), ConnectError> {
+    stream.write_all(auth).await?;
+    let mut reply = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    while !reply.ends_with(b"\r\n") {
+        if stream.read(&mut byte).await? == 0 || reply.len() > 1024 {
+            return Err(ConnectError::Auth("connection closed during AUTH".into()));
+        }
+        reply.push(byte[0]);
+    }
+    if reply.starts_with(b"+OK") {
+        Ok(())
+    } else {
+        Err(ConnectError::Auth(
+            String::from_utf8_lossy(&reply).trim_end().to_string(),
+        ))
+    }
 }
 
 /// Opens one relay connection to Redis, bounded by the connect timeout.
 pub async fn connect(settings: &Upstream) -> Result<TcpStream, ConnectError> {
-    let stream = tokio::time::timeout(
+    let mut stream = tokio::time::timeout(
         settings.connect_timeout,
         TcpStream::connect(&settings.address),
     )
     .await
     .map_err(|_| ConnectError::Timeout(settings.connect_timeout))??;
     stream.set_nodelay(true)?;
+    if let Some(auth) = auth_command(settings) {
+        tokio::time::timeout(settings.connect_timeout, authenticate(&mut stream, &auth))
+            .await
+            .map_err(|_| ConnectError::Timeout(settings.connect_timeout))??;
+    }
     Ok(stream)
 }
 
@@ -104,7 +151,10 @@ async fn probe(settings: &Upstream) -> Result<(), String> {
         .map_err(|_| "no answer to PING".to_string())?
         .map_err(|e| e.to_string())?;
     // A Redis that demands AUTH is up; LOADING or a full server is not.
-    if reply.starts_with(b"+PONG") || reply.starts_with(b"-NOAUTH") {
+    // Without credentials of our own, a Redis that demands AUTH is still up;
+    // with them, connect() has already authenticated.
+    let noauth_ok = settings.password.is_none() && reply.starts_with(b"-NOAUTH");
+    if reply.starts_with(b"+PONG") || noauth_ok {
         Ok(())
     } else {
         Err(format!(
@@ -112,4 +162,44 @@ async fn probe(settings: &Upstream) -> Result<(), String> {
             String::from_utf8_lossy(&reply).trim_end()
         ))
     }
+}
+
+/// Asks Redis for its command table (`COMMAND`), so policy knows every
+/// command this server has, modules included.
+pub async fn fetch_command_table(
+    settings: &Upstream,
+) -> Result<crate::policy::commands::CommandTable, String> {
+    use crate::resp::frame::FrameScanner;
+    const MAX_REPLY: usize = 16 * 1024 * 1024;
+    let mut s = connect(settings).await.map_err(|e| e.to_string())?;
+    let read = async {
+        s.write_all(b"*1\r\n$7\r\nCOMMAND\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::with_capacity(256 * 1024);
+        let mut scanner = FrameScanner::new(16);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("Redis closed the connection during COMMAND".to_string());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > MAX_REPLY {
+                return Err("COMMAND reply too large".to_string());
+            }
+            if let Some(frame) = scanner.next(&buf, 0).map_err(|e| e.to_string())? {
+                let value =
+                    crate::resp::value::decode(&buf[..frame.end], 16).map_err(|e| e.to_string())?;
+                if let crate::resp::value::Value::Error(e) = &value {
+                    return Err(String::from_utf8_lossy(e).into_owned());
+                }
+                return crate::policy::commands::from_command_reply(&value)
+                    .ok_or_else(|| "COMMAND reply not understood".to_string());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .map_err(|_| "COMMAND timed out".to_string())?
 }

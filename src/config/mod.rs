@@ -5,13 +5,15 @@
 //! Every key has a default, so an empty file, or no file at all, runs a
 //! proxy on 127.0.0.1:6380 in front of 127.0.0.1:6379.
 
+pub mod secret;
 pub mod yaml;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secret::{Secret, SecretSource};
 use yaml::{ConfigError, ConfigErrors, Pos, Reader};
 
 use crate::resp::request::RequestLimits;
@@ -25,6 +27,9 @@ pub struct Settings {
     pub limits: Limits,
     pub shutdown: Shutdown,
     pub log: Log,
+    /// The policy file (users, channel ACL, rate limits); `None`: transparent.
+    pub policy: Option<PathBuf>,
+    pub metrics: crate::metrics::MetricsSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +40,10 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// How often readiness checks that Redis answers PING.
     pub health_check_interval: Duration,
+    /// pubwarden's own Redis user (`AUTH username password`); clients never
+    /// see these credentials.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +92,8 @@ impl Default for Settings {
                 address: "127.0.0.1:6379".into(),
                 connect_timeout: Duration::from_secs(2),
                 health_check_interval: Duration::from_secs(1),
+                username: None,
+                password: None,
             },
             admin: Admin {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
@@ -100,6 +111,8 @@ impl Default for Settings {
                 level: "info".into(),
                 format: LogFormat::Text,
             },
+            policy: None,
+            metrics: crate::metrics::MetricsSettings::default(),
         }
     }
 }
@@ -111,6 +124,8 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub upstream: Option<String>,
     pub admin_listen: Option<String>,
+    /// A policy file, relative to the working directory.
+    pub policy: Option<String>,
 }
 
 fn socket_addr(text: &str) -> Result<SocketAddr, String> {
@@ -160,7 +175,14 @@ impl Settings {
                 message: format!("cannot read {}: {e}", path.display()),
             }])
         })?;
-        Self::from_yaml(&text, overrides)
+        let mut settings = Self::from_yaml(&text, overrides)?;
+        // A policy named in the file is found next to it, wherever pubwarden runs.
+        if overrides.policy.is_none()
+            && let Some(p) = settings.policy.take()
+        {
+            settings.policy = Some(path.parent().map_or(p.clone(), |dir| dir.join(&p)));
+        }
+        Ok(settings)
     }
 
     /// Parses settings from YAML text, then applies `overrides`.
@@ -171,7 +193,9 @@ impl Settings {
         let root = r.map(
             &doc,
             "",
-            &["listen", "upstream", "admin", "limits", "shutdown", "log"],
+            &[
+                "listen", "upstream", "admin", "limits", "shutdown", "log", "policy", "metrics",
+            ],
         );
         if let Some(v) = r.field(&root, "listen", socket_addr) {
             s.listen = v;
@@ -180,7 +204,13 @@ impl Settings {
         let up = r.section(
             &root,
             "upstream",
-            &["address", "connect_timeout", "health_check_interval"],
+            &[
+                "address",
+                "connect_timeout",
+                "health_check_interval",
+                "username",
+                "password",
+            ],
         );
         if let Some(v) = r.field(&up, "address", host_port) {
             s.upstream.address = v;
@@ -194,6 +224,50 @@ impl Settings {
             yaml::duration(t).and_then(positive)
         }) {
             s.upstream.health_check_interval = v;
+        }
+
+        s.upstream.username = r.field(&up, "username", |t| {
+            if t.trim().is_empty() || t.contains(char::is_whitespace) {
+                Err("must be a Redis user name without spaces".into())
+            } else {
+                Ok(t.trim().to_string())
+            }
+        });
+        let pw = r.section(&up, "password", &["env", "file"]);
+        if pw
+            .as_ref()
+            .is_some_and(|m| m.get("env").is_some() || m.get("file").is_some())
+        {
+            let env = r.field(&pw, "env", |t| Ok(t.trim().to_string()));
+            let file = r.field(&pw, "file", |t| Ok(t.trim().to_string()));
+            let source = match (env, file) {
+                (Some(v), None) => Some(SecretSource::Env(v)),
+                (None, Some(f)) => Some(SecretSource::File(f)),
+                _ => {
+                    r.error(
+                        "upstream.password",
+                        Pos::default(),
+                        "give exactly one of env or file",
+                    );
+                    None
+                }
+            };
+            if let Some(source) = source {
+                match Secret::load(source, None) {
+                    Ok(secret) => s.upstream.password = Some(secret),
+                    Err(e) => r.error("upstream.password", Pos::default(), e),
+                }
+            }
+        }
+        if s.upstream.username.is_some() && s.upstream.password.is_none() {
+            r.error(
+                "upstream.username",
+                Pos::default(),
+                "needs upstream.password ({env: VAR} or {file: PATH})",
+            );
+        }
+        if let Some(v) = r.field(&root, "policy", |t| Ok(PathBuf::from(t.trim()))) {
+            s.policy = Some(v);
         }
 
         let admin = r.section(&root, "admin", &["listen"]);
@@ -261,6 +335,8 @@ impl Settings {
             s.log.format = v;
         }
 
+        crate::metrics::settings::read(&mut r, &root, &mut s.metrics);
+
         s.apply(overrides, &mut r);
         if r.errors.is_empty() {
             Ok(s)
@@ -305,6 +381,9 @@ impl Settings {
                 Err(e) => r.error("--admin-listen / PUBWARDEN_ADMIN_LISTEN", Pos::default(), e),
             }
         }
+        if let Some(p) = o.policy.as_ref().filter(|p| !p.trim().is_empty()) {
+            self.policy = Some(PathBuf::from(p));
+        }
         if self.listen == self.admin.listen {
             r.error("admin.listen", Pos::default(), "must differ from `listen`");
         }
@@ -324,6 +403,12 @@ impl fmt::Display for Settings {
             "  health_check_interval: {}",
             d(self.upstream.health_check_interval)
         )?;
+        if let Some(u) = &self.upstream.username {
+            writeln!(f, "  username: {u}")?;
+        }
+        if let Some(p) = &self.upstream.password {
+            writeln!(f, "  password: {p}")?;
+        }
         writeln!(f, "admin:")?;
         writeln!(f, "  listen: {}", self.admin.listen)?;
         writeln!(f, "limits:")?;
@@ -349,7 +434,11 @@ impl fmt::Display for Settings {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
         };
-        writeln!(f, "  format: {format}")
+        writeln!(f, "  format: {format}")?;
+        if let Some(p) = &self.policy {
+            writeln!(f, "policy: {}", p.display())?;
+        }
+        write!(f, "{}", self.metrics)
     }
 }
 
@@ -360,7 +449,10 @@ mod tests {
     #[test]
     fn shipped_example_is_valid_and_states_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pubwarden.yaml");
-        assert_eq!(Settings::load(&path, &Overrides::default()).unwrap(), Settings::default());
+        assert_eq!(
+            Settings::load(&path, &Overrides::default()).unwrap(),
+            Settings::default()
+        );
     }
 
     #[test]
@@ -395,6 +487,7 @@ mod tests {
             listen: Some("127.0.0.1:7000".into()),
             upstream: Some("redis.example:6390".into()),
             admin_listen: Some("bad".into()),
+            policy: None,
         };
         let err = Settings::from_yaml("listen: 127.0.0.1:1\n", &o).unwrap_err();
         assert_eq!(err.0.len(), 1);

@@ -10,10 +10,11 @@
 
 pub mod frame;
 pub mod request;
+pub mod value;
 
 /// Parses a RESP integer the way Redis's `string2ll` does: an optional `-`,
 /// no leading zeros, no `+`, at most the range of `i64`.
-pub(crate) fn parse_i64(digits: &[u8]) -> Option<i64> {
+pub fn parse_i64(digits: &[u8]) -> Option<i64> {
     let (neg, body) = match digits.split_first() {
         Some((b'-', rest)) => (true, rest),
         _ => (false, digits),

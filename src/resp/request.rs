@@ -48,7 +48,15 @@ pub enum ProtocolError {
     TooBigInline,
     #[error("unbalanced quotes in request")]
     UnbalancedQuotes,
+    #[error("unauthenticated multibulk length")]
+    UnauthenticatedMultibulkLength,
+    #[error("unauthenticated bulk length")]
+    UnauthenticatedBulkLength,
 }
+
+/// Redis's caps on what an unauthenticated client may send.
+const UNAUTHENTICATED_MAX_ARGS: i64 = 10;
+const UNAUTHENTICATED_MAX_BULK: i64 = 16384;
 
 impl ProtocolError {
     /// The error reply Redis writes before closing the connection.
@@ -99,6 +107,7 @@ pub struct RequestParser {
     state: State,
     args: Vec<Range<usize>>,
     inline: Vec<u8>,
+    unauthenticated: bool,
 }
 
 impl RequestParser {
@@ -108,7 +117,15 @@ impl RequestParser {
             state: State::Idle,
             args: Vec::new(),
             inline: Vec::new(),
+            unauthenticated: false,
         }
+    }
+
+    /// While true, Redis's pre-authentication caps apply (at most 10
+    /// arguments, bulks of at most 16384 bytes), so an unauthenticated client
+    /// cannot make pubwarden buffer a large request.
+    pub fn set_unauthenticated(&mut self, unauthenticated: bool) {
+        self.unauthenticated = unauthenticated;
     }
 
     /// True while part of a request has been read but not all of it.
@@ -205,6 +222,9 @@ impl RequestParser {
         if count > self.limits.max_multibulk_len as i64 || count > i64::from(i32::MAX) {
             return Err(ProtocolError::InvalidMultibulkLength);
         }
+        if self.unauthenticated && count > UNAUTHENTICATED_MAX_ARGS {
+            return Err(ProtocolError::UnauthenticatedMultibulkLength);
+        }
         let next = cr + 2;
         if count <= 0 {
             return Ok(Header::Empty(next));
@@ -242,6 +262,9 @@ impl RequestParser {
                         parse_i64(&buf[pos + 1..cr]).ok_or(ProtocolError::InvalidBulkLength)?;
                     if len < 0 || len as u64 > self.limits.max_bulk_len as u64 {
                         return Err(ProtocolError::InvalidBulkLength);
+                    }
+                    if self.unauthenticated && len > UNAUTHENTICATED_MAX_BULK {
+                        return Err(ProtocolError::UnauthenticatedBulkLength);
                     }
                     pos = cr + 2;
                     bulk_len = Some(len as usize);
@@ -543,6 +566,26 @@ mod tests {
         assert_eq!(
             got,
             vec![words(&["PUBLISH", "ch", "hello"]), words(&["PING"])]
+        );
+    }
+
+    #[test]
+    fn unauthenticated_caps() {
+        let mut p = RequestParser::new(RequestLimits::default());
+        p.set_unauthenticated(true);
+        assert_eq!(
+            p.next(b"*11\r\n", 0),
+            Err(ProtocolError::UnauthenticatedMultibulkLength)
+        );
+        let mut p = RequestParser::new(RequestLimits::default());
+        p.set_unauthenticated(true);
+        assert_eq!(
+            p.next(b"*1\r\n$16385\r\n", 0),
+            Err(ProtocolError::UnauthenticatedBulkLength)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&ProtocolError::UnauthenticatedBulkLength.reply()),
+            "-ERR Protocol error: unauthenticated bulk length\r\n"
         );
     }
 

@@ -13,7 +13,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod net;
+pub mod policy;
 pub mod procs;
+pub mod prom;
 pub mod resp;
 pub mod script;
 

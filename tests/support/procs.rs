@@ -243,6 +243,18 @@ impl Pubwarden {
     }
 
     pub fn start_with(upstream_port: u16, config: Option<&Path>, wait: WaitFor) -> Pubwarden {
+        Self::start_custom(upstream_port, config, wait, &[], &[])
+    }
+
+    /// Like [`Pubwarden::start_with`], with extra command-line arguments (after the built-in
+    /// ones) and extra environment variables for the child.
+    pub fn start_custom(
+        upstream_port: u16,
+        config: Option<&Path>,
+        wait: WaitFor,
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> Pubwarden {
         let dir = scratch_dir("pubwarden");
         let mut last_err = String::new();
         for attempt in 0..3 {
@@ -260,6 +272,8 @@ impl Pubwarden {
             if let Some(config) = config {
                 cmd.arg("--config").arg(config);
             }
+            cmd.args(extra_args);
+            cmd.envs(extra_env.iter().copied());
             let child = cmd
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

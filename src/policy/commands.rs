@@ -1,0 +1,227 @@
+//! The command table: every command's ACL categories, arity and whether it
+//! may run before authentication.
+//!
+//! pubwarden asks the upstream Redis (`COMMAND`) at start, so modules and
+//! newer versions are covered without a list in pubwarden's source; until
+//! then, or when Redis cannot be asked, a table taken from Redis 7.0.15's own
+//! `COMMAND` output (`commands.tsv`) stands in.
+
+use std::collections::HashMap;
+
+/// Redis 7 ACL categories, in a fixed order so a set of them is a bit mask.
+pub const CATEGORIES: [&str; 21] = [
+    "keyspace",
+    "read",
+    "write",
+    "set",
+    "sortedset",
+    "list",
+    "hash",
+    "string",
+    "bitmap",
+    "hyperloglog",
+    "geo",
+    "stream",
+    "pubsub",
+    "admin",
+    "fast",
+    "slow",
+    "blocking",
+    "dangerous",
+    "connection",
+    "transaction",
+    "scripting",
+];
+
+/// The bit of a category name (without `@`), if Redis has it.
+pub fn category_bit(name: &str) -> Option<u32> {
+    CATEGORIES.iter().position(|c| *c == name).map(|i| 1 << i)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandInfo {
+    pub categories: u32,
+    /// Redis's arity: positive means exactly, negative means at least.
+    pub arity: i32,
+    /// May run before AUTH (`no_auth` flag: AUTH, HELLO, QUIT, RESET).
+    pub no_auth: bool,
+}
+
+/// Where the table came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    BuiltIn,
+    Upstream,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommandTable {
+    /// Lower-case names; subcommands as `container|sub`.
+    commands: HashMap<String, CommandInfo>,
+    pub source: Source,
+}
+
+/// Longest command name looked up without allocating.
+const MAX_NAME: usize = 64;
+
+impl CommandTable {
+    /// The table shipped with pubwarden.
+    pub fn built_in() -> Self {
+        let mut commands = HashMap::new();
+        for line in include_str!("commands.tsv").lines() {
+            let mut cols = line.split('\t');
+            let (Some(name), Some(arity), Some(flags), Some(cats)) =
+                (cols.next(), cols.next(), cols.next(), cols.next())
+            else {
+                continue;
+            };
+            let categories = cats
+                .split_whitespace()
+                .filter_map(|c| category_bit(c.trim_start_matches('@')))
+                .fold(0, |a, b| a | b);
+            commands.insert(
+                name.to_string(),
+                CommandInfo {
+                    categories,
+                    arity: arity.parse().unwrap_or(-1),
+                    no_auth: flags.split(',').any(|f| f == "no_auth"),
+                },
+            );
+        }
+        Self {
+            commands,
+            source: Source::BuiltIn,
+        }
+    }
+
+    /// A table built from entries learned from Redis.
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, CommandInfo)>) -> Self {
+        Self {
+            commands: entries.into_iter().collect(),
+            source: Source::Upstream,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CommandInfo> {
+        self.commands.get(name)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.commands.contains_key(name)
+    }
+
+    /// Resolves a request to its table name (`get`, `client|kill`) and info.
+    /// Names are matched case-insensitively; a container command with an
+    /// unknown subcommand resolves to the container.
+    pub fn resolve(&self, name: &[u8], sub: Option<&[u8]>) -> Option<(String, &CommandInfo)> {
+        let mut buf = [0u8; MAX_NAME];
+        let lower = lowercase(name, &mut buf)?;
+        if let Some(sub) = sub {
+            let mut sbuf = [0u8; MAX_NAME];
+            if let Some(sub) = lowercase(sub, &mut sbuf) {
+                let full = format!("{lower}|{sub}");
+                if let Some(info) = self.commands.get(&full) {
+                    return Some((full, info));
+                }
+            }
+        }
+        self.commands
+            .get(lower)
+            .map(|info| (lower.to_string(), info))
+    }
+
+    /// True when `name` has subcommands in the table (`client`, `config`...).
+    pub fn is_container(&self, name: &[u8]) -> bool {
+        let mut buf = [0u8; MAX_NAME];
+        let Some(lower) = lowercase(name, &mut buf) else {
+            return false;
+        };
+        let prefix = format!("{lower}|");
+        self.commands.keys().any(|k| k.starts_with(&prefix))
+    }
+}
+
+/// Builds a table from the reply to `COMMAND` (Redis 7: name, arity, flags,
+/// first/last/step key, ACL categories, tips, key specs, subcommands).
+pub fn from_command_reply(reply: &crate::resp::value::Value) -> Option<CommandTable> {
+    use crate::resp::value::Value;
+    fn add(entry: &Value, out: &mut Vec<(String, CommandInfo)>) -> Option<()> {
+        let fields = entry.as_array()?;
+        let name = String::from_utf8_lossy(fields.first()?.as_bytes()?).to_ascii_lowercase();
+        let arity = i32::try_from(fields.get(1)?.as_int()?).ok()?;
+        let no_auth = fields
+            .get(2)
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.iter().any(|x| x.as_bytes() == Some(b"no_auth")));
+        let categories = fields
+            .get(6)
+            .and_then(Value::as_array)
+            .map(|cats| {
+                cats.iter()
+                    .filter_map(Value::as_bytes)
+                    .filter_map(|c| {
+                        category_bit(std::str::from_utf8(c).ok()?.trim_start_matches('@'))
+                    })
+                    .fold(0, |a, b| a | b)
+            })
+            .unwrap_or(0);
+        out.push((
+            name,
+            CommandInfo {
+                categories,
+                arity,
+                no_auth,
+            },
+        ));
+        for sub in fields.get(9).and_then(Value::as_array).unwrap_or_default() {
+            add(sub, out);
+        }
+        Some(())
+    }
+    let mut entries = Vec::new();
+    for entry in reply.as_array()? {
+        add(entry, &mut entries);
+    }
+    (!entries.is_empty()).then(|| CommandTable::from_entries(entries))
+}
+
+/// ASCII-lowercases into `buf`; `None` if too long or not UTF-8.
+fn lowercase<'a>(name: &[u8], buf: &'a mut [u8; MAX_NAME]) -> Option<&'a str> {
+    let out = buf.get_mut(..name.len())?;
+    for (o, b) in out.iter_mut().zip(name) {
+        *o = b.to_ascii_lowercase();
+    }
+    std::str::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_table_knows_redis_7() {
+        let t = CommandTable::built_in();
+        assert!(t.len() > 300);
+        let (name, publish) = t.resolve(b"PUBLISH", None).unwrap();
+        assert_eq!(name, "publish");
+        assert_ne!(publish.categories & category_bit("pubsub").unwrap(), 0);
+        let (name, kill) = t.resolve(b"client", Some(b"KILL")).unwrap();
+        assert_eq!(name, "client|kill");
+        assert_ne!(kill.categories & category_bit("dangerous").unwrap(), 0);
+        assert_eq!(t.resolve(b"client", Some(b"nonsense")).unwrap().0, "client");
+        assert!(t.get("auth").unwrap().no_auth);
+        assert!(t.get("reset").unwrap().no_auth);
+        assert!(!t.get("get").unwrap().no_auth);
+        assert!(t.is_container(b"CONFIG"));
+        assert!(!t.is_container(b"get"));
+        assert!(t.resolve(&[b'x'; 100], None).is_none());
+    }
+}
