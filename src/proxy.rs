@@ -22,7 +22,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::command::{Command, Kind};
 use crate::config::Settings;
-use crate::metrics::{ConnMetrics, Metrics, UpstreamError};
+use crate::metrics::{ConnMetrics, Metrics, PublishResult, UpstreamError};
 use crate::policy::gate::{Gate, PolicyRuntime, Verdict};
 use crate::reply;
 use crate::resp::frame::FrameScanner;
@@ -189,6 +189,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
     let _client_gauge = shared.metrics.client_connected();
     let gate = match &shared.policy {
         Some(runtime) => match Gate::new(runtime.clone(), peer.ip()) {
+            Ok(gate) if shared.metrics.enabled() => Some(gate.with_metrics(shared.metrics.clone())),
             Ok(gate) => Some(gate),
             Err(reply) => {
                 shared.metrics.client_rejected();
@@ -364,6 +365,8 @@ struct Conn {
     upstream_auth: Option<Bytes>,
     /// A request held by a rate limit: when to ask again, and for how long it waited.
     hold: Option<(tokio::time::Instant, std::time::Duration)>,
+    /// The gate's login count last seen, to re-label metrics after AUTH.
+    logins_seen: u64,
 }
 
 impl Conn {
@@ -397,6 +400,7 @@ impl Conn {
             gate: None,
             upstream_auth: upstream::auth_command(&settings.upstream),
             hold: None,
+            logins_seen: 0,
         }
     }
 
@@ -565,6 +569,8 @@ impl Conn {
             };
             // Bytes that go upstream instead of the request's own, if any.
             let mut instead: Option<Bytes> = None;
+            let mut refused = None;
+            let answered_here = matches!(verdict, Verdict::Answer { .. });
             match verdict {
                 Verdict::Delay(wait) => {
                     // Hold it unread, and everything behind it: backpressure.
@@ -580,6 +586,13 @@ impl Conn {
                         self.to_upstream
                             .send(&self.upstream, internal)
                             .map_err(|_| Closed::UpstreamIo)?;
+                    }
+                    if matches!(cmd.kind, Kind::Publish | Kind::SPublish) {
+                        refused = Some(if reply.starts_with(b"-RATELIMIT") {
+                            PublishResult::RateLimited
+                        } else {
+                            PublishResult::Denied
+                        });
                     }
                     self.session.answered_locally(cmd, reply);
                     run = frame.end;
@@ -598,7 +611,24 @@ impl Conn {
                 }
             }
             if let Some(m) = &mut self.metrics {
-                m.request(self.session.enqueued() - 1, &cmd, &args);
+                if let Some(gate) = &self.gate
+                    && gate.logins() != self.logins_seen
+                {
+                    self.logins_seen = gate.logins();
+                    if let Some(label) = gate.user_label() {
+                        m.set_user(label);
+                    }
+                }
+                if !answered_here {
+                    m.request(self.session.enqueued() - 1, &cmd, &args);
+                } else if let (Some(result), Some(label), Some(channel)) = (
+                    refused,
+                    self.gate.as_ref().and_then(Gate::user_label),
+                    args.get(1),
+                ) {
+                    // Answered here: counted by outcome, never as sent upstream.
+                    m.publish_refused(label, channel, result);
+                }
             }
             self.counts.commands += 1;
             if let Some(bytes) = instead {

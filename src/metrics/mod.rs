@@ -150,13 +150,22 @@ pub enum AuthFailure {
     UnknownUser,
     DisabledUser,
     Malformed,
+    /// The user may not connect from the client's address.
+    SourceNotAllowed,
+    /// The client's address failed too often recently.
+    TooManyFailures,
+    /// The user's `max_connections` is reached.
+    TooManyConnections,
 }
 
-const AUTH_FAILURES: [(AuthFailure, &str); 4] = [
+const AUTH_FAILURES: [(AuthFailure, &str); 7] = [
     (AuthFailure::WrongPassword, "wrong_password"),
     (AuthFailure::UnknownUser, "unknown_user"),
     (AuthFailure::DisabledUser, "disabled_user"),
     (AuthFailure::Malformed, "malformed"),
+    (AuthFailure::SourceNotAllowed, "source_not_allowed"),
+    (AuthFailure::TooManyFailures, "too_many_failures"),
+    (AuthFailure::TooManyConnections, "too_many_connections"),
 ];
 
 /// Upstream trouble, by the `kind` label of `pubwarden_upstream_errors_total`.
@@ -244,7 +253,7 @@ pub struct Metrics {
     upstream_up: Gauge,
 
     auth_successes: Counter,
-    auth_failures: [Counter; 4],
+    auth_failures: [Counter; 7],
     acl_denials: Counters,
     audit_would_deny: Counters,
     rate_limit_rejections: Counters,

@@ -17,6 +17,7 @@ use super::commands::{CommandTable, Source};
 use super::ratelimit::{Budget, Decision, Limiter};
 use super::{Mode, OnLimit, Policy, User};
 use crate::command::{Command, Kind, SubKind};
+use crate::metrics::{AuthFailure, Metrics, UserLabel};
 use crate::resp::request::Args;
 
 /// Redis 7.0.15's own texts.
@@ -222,6 +223,11 @@ pub struct Gate {
     scratch: Vec<u8>,
     /// Set when a reload removed or disabled this connection's user.
     revoked: bool,
+    metrics: Option<Arc<Metrics>>,
+    /// The user as a metric label (bounded by the metrics module).
+    label: Option<UserLabel>,
+    /// Bumped on every change of user, so the relay re-labels its counters.
+    logins: u64,
 }
 
 impl Gate {
@@ -240,6 +246,9 @@ impl Gate {
             held: Duration::ZERO,
             scratch: Vec::new(),
             revoked: false,
+            metrics: None,
+            label: None,
+            logins: 0,
         };
         if !gate.login_implicit() {
             return Err(Bytes::from_static(replies::MAX_CLIENTS));
@@ -247,11 +256,49 @@ impl Gate {
         Ok(gate)
     }
 
+    /// Counts logins, denials and rate limiting in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.label = self.user_name.as_deref().map(|n| metrics.user_label(n));
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The current user as a metric label.
+    pub fn user_label(&self) -> Option<&UserLabel> {
+        self.label.as_ref()
+    }
+
+    /// Changes whenever the connection's user does.
+    pub fn logins(&self) -> u64 {
+        self.logins
+    }
+
+    fn set_user(&mut self, user: Option<(usize, String, ConnSlot)>) {
+        self.logins += 1;
+        match user {
+            Some((index, name, slot)) => {
+                self.label = self.metrics.as_ref().map(|m| m.user_label(&name));
+                self.user_name = Some(name);
+                self.user = Some(Authed { index, _slot: slot });
+            }
+            None => {
+                self.label = None;
+                self.user_name = None;
+                self.user = None;
+            }
+        }
+    }
+
+    fn auth_failed(&self, why: AuthFailure) {
+        if let Some(m) = &self.metrics {
+            m.auth_failure(why);
+        }
+    }
+
     /// Signs in as the implicit `default` user, if there is one allowed from
     /// this address. False only when its connection limit is reached.
     fn login_implicit(&mut self) -> bool {
-        self.user = None;
-        self.user_name = None;
+        self.set_user(None);
         let Some(i) = self.snapshot.implicit_user() else {
             return true;
         };
@@ -259,13 +306,10 @@ impl Gate {
         if !user.allowed_from(self.peer) {
             return true;
         }
+        let name = user.name.clone();
         match self.runtime.acquire(user) {
             Some(slot) => {
-                self.user_name = Some(user.name.clone());
-                self.user = Some(Authed {
-                    index: i,
-                    _slot: slot,
-                });
+                self.set_user(Some((i, name, slot)));
                 true
             }
             None => false,
@@ -302,8 +346,7 @@ impl Gate {
             match self.snapshot.user(name.as_bytes()) {
                 Some((i, u)) if u.enabled && u.allowed_from(self.peer) => authed.index = i,
                 _ => {
-                    self.user = None;
-                    self.user_name = None;
+                    self.set_user(None);
                     self.revoked = true;
                 }
             }
@@ -373,10 +416,23 @@ impl Gate {
         let denial = self.permission(cmd, args, &full, categories);
         if let Some(denial) = denial {
             let user = self.current_user().map_or("", |u| u.name.as_str());
-            if self
+            let channel = match (&denial, cmd.kind) {
+                (Denial::Channel, Kind::Publish | Kind::SPublish | Kind::Subscribe(_)) => {
+                    args.get(1)
+                }
+                _ => None,
+            };
+            let audit = self
                 .current_user()
-                .is_some_and(|u| self.snapshot.mode_for(u) == Mode::Audit)
-            {
+                .is_some_and(|u| self.snapshot.mode_for(u) == Mode::Audit);
+            if let (Some(m), Some(label)) = (&self.metrics, &self.label) {
+                if audit {
+                    m.audit_would_deny(label, &full, channel);
+                } else {
+                    m.acl_denial(label, &full, channel);
+                }
+            }
+            if audit {
                 tracing::warn!(user, command = %full, ?denial, "audit: would deny");
                 return self.after_allowed(cmd);
             }
@@ -500,6 +556,9 @@ impl Gate {
             match rule.spend(&user.name, channel, payload, now_ns, scratch) {
                 Decision::Allow => {}
                 Decision::TooLarge => {
+                    if let Some(m) = &self.metrics {
+                        m.rate_limit_rejected(&rule.name);
+                    }
                     return Some(Verdict::answer_owned(format!(
                         "-RATELIMIT message larger than rate limit '{}' allows at once\r\n",
                         rule.name
@@ -509,7 +568,13 @@ impl Gate {
                     if let OnLimit::Delay(max) = rule.on_limit
                         && self.held + wait <= max
                     {
+                        if let Some(m) = &self.metrics {
+                            m.rate_limit_delayed(&rule.name, wait);
+                        }
                         return Some(Verdict::Delay(wait));
+                    }
+                    if let Some(m) = &self.metrics {
+                        m.rate_limit_rejected(&rule.name);
                     }
                     return Some(Verdict::answer_owned(format!(
                         "-RATELIMIT rate limit '{}' exceeded; retry in {} ms\r\n",
@@ -539,7 +604,10 @@ impl Gate {
 
     fn auth(&mut self, args: &Args<'_>, now: Instant) -> Verdict {
         let (user, password): (&[u8], &[u8]) = match args.len() {
-            0 | 1 => return Verdict::answer(replies::AUTH_ARITY),
+            0 | 1 => {
+                self.auth_failed(AuthFailure::Malformed);
+                return Verdict::answer(replies::AUTH_ARITY);
+            }
             2 => {
                 let default_nopass = self
                     .snapshot
@@ -554,7 +622,10 @@ impl Gate {
                 args.get(1).unwrap_or_default(),
                 args.get(2).unwrap_or_default(),
             ),
-            _ => return Verdict::answer(replies::SYNTAX),
+            _ => {
+                self.auth_failed(AuthFailure::Malformed);
+                return Verdict::answer(replies::SYNTAX);
+            }
         };
         match self.login(user, password, now) {
             Login::Ok => Verdict::answer(replies::OK),
@@ -616,23 +687,41 @@ impl Gate {
         let per_minute = self.snapshot.max_auth_failures_per_minute;
         if !self.runtime.auth_allowed(self.peer, per_minute, now_ns) {
             tracing::warn!(peer = %self.peer, "AUTH refused: too many failures from this address");
+            self.auth_failed(AuthFailure::TooManyFailures);
             return Login::Refused(replies::WRONGPASS);
         }
-        let found = self
-            .snapshot
-            .user(name)
-            .filter(|(_, u)| u.enabled && u.allowed_from(self.peer) && u.verify(password));
-        let Some((index, user)) = found else {
-            self.runtime.record_failure(self.peer, per_minute, now_ns);
-            tracing::info!(peer = %self.peer, "AUTH failed");
-            return Login::Refused(replies::WRONGPASS);
+        // Every refusal looks the same to the client; only logs and metrics say why.
+        let snapshot = Arc::clone(&self.snapshot);
+        let found = snapshot.user(name);
+        if found.is_none_or(|(_, u)| !u.enabled) {
+            // Hash anyway, so timing does not tell which names exist.
+            let _ = super::hash_password(password);
+        }
+        let outcome = match found {
+            None => Err(AuthFailure::UnknownUser),
+            Some((_, u)) if !u.enabled => Err(AuthFailure::DisabledUser),
+            Some((_, u)) if !u.verify(password) => Err(AuthFailure::WrongPassword),
+            Some((_, u)) if !u.allowed_from(self.peer) => Err(AuthFailure::SourceNotAllowed),
+            Some(found) => Ok(found),
+        };
+        let (index, user) = match outcome {
+            Ok(found) => found,
+            Err(why) => {
+                self.runtime.record_failure(self.peer, per_minute, now_ns);
+                self.auth_failed(why);
+                tracing::info!(peer = %self.peer, reason = ?why, "AUTH failed");
+                return Login::Refused(replies::WRONGPASS);
+            }
         };
         let Some(slot) = self.runtime.acquire(user) else {
             tracing::warn!(peer = %self.peer, user = %user.name, "AUTH refused: user's max_connections reached");
+            self.auth_failed(AuthFailure::TooManyConnections);
             return Login::Refused(replies::MAX_CLIENTS);
         };
-        self.user_name = Some(user.name.clone());
-        self.user = Some(Authed { index, _slot: slot });
+        self.set_user(Some((index, user.name.clone(), slot)));
+        if let Some(m) = &self.metrics {
+            m.auth_success();
+        }
         Login::Ok
     }
 }
