@@ -643,6 +643,12 @@ fn is_simple(f: &Frame, buf: &[u8], text: &[u8]) -> bool {
 
 /// `message`, `pmessage` or `smessage` with the right arity.
 fn delivery_kind(f: &Frame, buf: &[u8]) -> Option<DeliveryKind> {
+    match f.delivery {
+        1 => return Some(DeliveryKind::Message),
+        2 => return Some(DeliveryKind::PMessage),
+        3 => return Some(DeliveryKind::SMessage),
+        _ => {}
+    }
     let first = f.str_elem(buf, 0)?;
     match (f.len, first) {
         (3, b"message") => Some(DeliveryKind::Message),

@@ -201,7 +201,21 @@ impl ChannelCache {
         channel: &[u8],
         groups: &ChannelGroups,
         labels: Option<&ChannelLabels>,
-    ) -> &mut Slot {
+        ) -> &mut Slot {
+        // No group rules and no channel labels: every channel is `other`, so
+        // one slot serves all and no byte is compared.
+        if groups.other() == 0 && labels.is_none() {
+            if self.slots.is_empty() {
+                self.slots.push(Slot {
+                    key: Vec::new(),
+                    group: 0,
+                    channel: None,
+                    publishes: 0,
+                    deliveries: 0,
+                });
+            }
+            return &mut self.slots[0];
+        }
         if let Some(s) = self.slots.get(self.last)
             && s.key == channel
         {

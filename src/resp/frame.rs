@@ -43,8 +43,11 @@ pub struct Frame {
     pub kind: u8,
     /// Element count of an aggregate (maps count pairs twice); -1 for null.
     pub len: i64,
-    pub elems: [Elem; MAX_ELEMS],
+        pub elems: [Elem; MAX_ELEMS],
     pub recorded: u8,
+    /// Set by the fast path: 1 `message`, 2 `pmessage`, 3 `smessage`, so the
+    /// session need not compare the first element again. 0: not known.
+    pub delivery: u8,
 }
 
 impl Frame {
@@ -152,10 +155,13 @@ impl FrameScanner {
     }
 
     /// Scans the next frame starting at `at` (or resumes the one in progress).
-    pub fn next(&mut self, buf: &[u8], at: usize) -> Result<Option<Frame>, FrameError> {
+        pub fn next(&mut self, buf: &[u8], at: usize) -> Result<Option<Frame>, FrameError> {
         if !self.active {
             if at >= buf.len() {
                 return Ok(None);
+            }
+            if let Some(f) = fast_delivery(buf, at) {
+                return Ok(Some(f));
             }
             self.active = true;
             self.pos = at;
@@ -315,9 +321,120 @@ impl FrameScanner {
     }
 }
 
+/// The shapes that make up nearly all pub/sub traffic, matched exactly and
+/// parsed without the general machinery: `*3 $7 message $n ch $n payload`,
+/// `*4 $8 pmessage $n pattern $n ch $n payload`, `*3 $8 smessage ...`, and
+/// the same as RESP3 pushes (`>`). Anything else, or anything incomplete,
+/// falls through to the general scanner, which gives the same result.
+#[inline]
+fn fast_delivery(buf: &[u8], at: usize) -> Option<Frame> {
+    let b = buf.get(at..)?;
+    let (kind, count, delivery, first_len): (u8, i64, u8, usize) = match b.get(..12)? {
+        [k @ (b'*' | b'>'), b'3', b'\r', b'\n', b'$', b'7', b'\r', b'\n', b'm', b'e', b's', b's'] => (*k, 3, 1, 7),
+        [k @ (b'*' | b'>'), b'4', b'\r', b'\n', b'$', b'8', b'\r', b'\n', b'p', b'm', b'e', b's'] => (*k, 4, 2, 8),
+        [k @ (b'*' | b'>'), b'3', b'\r', b'\n', b'$', b'8', b'\r', b'\n', b's', b'm', b'e', b's'] => (*k, 3, 3, 8),
+        _ => return None,
+    };
+    let word: &[u8] = match delivery {
+        1 => b"message\r\n",
+        2 => b"pmessage\r\n",
+        _ => b"smessage\r\n",
+    };
+    if b.get(8..8 + first_len + 2)? != word {
+        return None;
+    }
+    let mut frame = Frame {
+        start: at,
+        kind,
+        len: count,
+        recorded: count as u8,
+        delivery,
+        ..Frame::default()
+    };
+    frame.elems[0] = Elem {
+        kind: b'$',
+        start: at + 8,
+        end: at + 8 + first_len,
+        null: false,
+    };
+    let mut pos = 8 + first_len + 2;
+    for i in 1..count as usize {
+        if *b.get(pos)? != b'$' {
+            return None;
+        }
+        // A short decimal length: at most 10 digits, no sign, no leading zero.
+        let mut len = 0usize;
+        let mut p = pos + 1;
+        loop {
+            match *b.get(p)? {
+                d @ b'0'..=b'9' if p - pos <= 10 => {
+                    if d == b'0' && p == pos + 1 && *b.get(p + 1)? != b'\r' {
+                        return None;
+                    }
+                    len = len * 10 + usize::from(d - b'0');
+                }
+                b'\r' if p > pos + 1 => break,
+                _ => return None,
+            }
+            p += 1;
+        }
+        if *b.get(p + 1)? != b'\n' {
+            return None;
+        }
+        let data = p + 2;
+        let end = data.checked_add(len)?;
+        // The general scanner skips these two bytes unchecked too.
+        b.get(end + 1)?;
+        frame.elems[i] = Elem {
+            kind: b'$',
+            start: at + data,
+            end: at + end,
+            null: false,
+        };
+        pos = end + 2;
+    }
+    frame.end = at + pos;
+    Some(frame)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_path_agrees_with_the_general_scanner() {
+        let cases: &[&[u8]] = &[
+            b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhe\r\nl\r\n",
+            b">3\r\n$7\r\nmessage\r\n$0\r\n\r\n$0\r\n\r\n",
+            b"*4\r\n$8\r\npmessage\r\n$2\r\np*\r\n$2\r\npq\r\n$10\r\n0123456789\r\n",
+            b">3\r\n$8\r\nsmessage\r\n$1\r\ns\r\n$1\r\nx\r\n",
+        ];
+        for case in cases {
+            let fast = fast_delivery(case, 0).expect("fast path taken");
+            let mut general = FrameScanner::new(8);
+            // Force the general path by scanning from a copy with a prefix frame.
+            let mut buf = b"+OK\r\n".to_vec();
+            buf.extend_from_slice(case);
+            let _ = general.next(&buf, 0).unwrap().unwrap();
+            general.active = true;
+            general.pos = 5;
+            general.line_scanned = 5;
+            general.stack.clear();
+            general.frame = Frame { start: 5, ..Frame::default() };
+            let mut slow = general.next(&buf, 5).unwrap().unwrap();
+            slow.start -= 5;
+            slow.end -= 5;
+            for e in &mut slow.elems[..usize::from(slow.recorded)] {
+                e.start -= 5;
+                e.end -= 5;
+            }
+            assert_eq!(Frame { delivery: 0, ..fast }, slow, "{}", String::from_utf8_lossy(case));
+        }
+        // Not a delivery shape, or incomplete: left to the general scanner.
+        assert!(fast_delivery(b"*3\r\n$7\r\nmessagX\r\n", 0).is_none());
+        assert!(fast_delivery(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhel", 0).is_none());
+        assert!(fast_delivery(b"*3\r\n$7\r\nmessage\r\n$02\r\nch\r\n$1\r\nx\r\n", 0).is_none());
+    }
 
     fn frames(input: &[u8]) -> Vec<Frame> {
         let mut s = FrameScanner::new(64);
