@@ -157,10 +157,15 @@ fn run(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCode {
         eprintln!("pubwarden: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // On one CPU (a sidecar limited to one core, or a pinned process) a
+    // single-threaded runtime avoids the work-stealing scheduler's overhead.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut builder = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pubwarden: cannot start the runtime: {e}");

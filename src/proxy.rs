@@ -720,7 +720,32 @@ impl Conn {
         if let Some(m) = &mut self.metrics {
             m.begin_batch();
         }
+        let filter_pmessages = self.gate.as_ref().is_some_and(Gate::filters_deliveries);
         let result = loop {
+            // Pub/sub traffic first: a delivery needs no reply pairing, so it
+            // is counted and passed on with the least work per frame.
+            if !self.scanner.is_mid_frame()
+                && let Some(frame) = crate::resp::frame::fast_delivery(&self.from_upstream, at)
+                && let Some(kind) = self.session.delivery(&frame)
+            {
+                self.counts.deliveries += 1;
+                if let Some(m) = &mut self.metrics {
+                    m.delivery(kind, &frame, &self.from_upstream);
+                }
+                if filter_pmessages
+                    && kind == crate::session::DeliveryKind::PMessage
+                    && self.gate.as_ref().is_some_and(|g| {
+                        frame
+                            .str_elem(&self.from_upstream, 2)
+                            .is_some_and(|ch| g.hides_delivery(ch))
+                    })
+                {
+                    self.send_to_client(run, frame.start)?;
+                    run = frame.end;
+                }
+                at = frame.end;
+                continue;
+            }
             let frame = match self.scanner.next(&self.from_upstream, at) {
                 Ok(Some(f)) => f,
                 Ok(None) => break Ok(()),

@@ -371,6 +371,21 @@ impl Session {
         self.proto == 2 && self.subs.total() > 0
     }
 
+    /// The kind of a frame the fast path recognised as delivery-shaped, if it
+    /// is a delivery on this connection now (a push, or an array while
+    /// subscribed in RESP2). Deliveries never touch the pending-reply queue,
+    /// so the relay may pass them on without [`Self::on_frame`].
+    #[inline]
+    pub fn delivery(&self, f: &Frame) -> Option<DeliveryKind> {
+        let kind = match f.delivery {
+            1 => DeliveryKind::Message,
+            2 => DeliveryKind::PMessage,
+            3 => DeliveryKind::SMessage,
+            _ => return None,
+        };
+        (f.kind == b'>' || self.resp2_subscribed()).then_some(kind)
+    }
+
     /// The head entry starts: how many frames will answer it, given the state
     /// Redis is in right now. `None` when nothing will.
     fn activate(&mut self, owed: Owed) -> Option<Active> {

@@ -242,8 +242,19 @@ fn counters_are_exact_after_a_known_load() {
     subs[1].read_frames(1, secs(5)).expect_all("unsubscribe");
     drop(subs);
     drop(publisher);
+    // A scrape renders family after family while connections close on
+    // another thread, so wait for every gauge, not only the last to move.
     let text = scrape_until(pw.admin_addr(), secs(5), |t| {
         sample(t, "pubwarden_client_connections", "") == Some(0.0)
+            && ["orders", "chat", "other"].iter().all(|g| {
+                ["channel", "pattern", "shard"].iter().all(|k| {
+                    sample(
+                        t,
+                        "pubwarden_subscriptions",
+                        &format!("group=\"{g}\",kind=\"{k}\""),
+                    ) == Some(0.0)
+                })
+            })
     });
     for g in ["orders", "chat", "other"] {
         for k in ["channel", "pattern", "shard"] {

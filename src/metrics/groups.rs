@@ -201,7 +201,7 @@ impl ChannelCache {
         channel: &[u8],
         groups: &ChannelGroups,
         labels: Option<&ChannelLabels>,
-        ) -> &mut Slot {
+    ) -> &mut Slot {
         // No group rules and no channel labels: every channel is `other`, so
         // one slot serves all and no byte is compared.
         if groups.other() == 0 && labels.is_none() {

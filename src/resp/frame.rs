@@ -43,7 +43,7 @@ pub struct Frame {
     pub kind: u8,
     /// Element count of an aggregate (maps count pairs twice); -1 for null.
     pub len: i64,
-        pub elems: [Elem; MAX_ELEMS],
+    pub elems: [Elem; MAX_ELEMS],
     pub recorded: u8,
     /// Set by the fast path: 1 `message`, 2 `pmessage`, 3 `smessage`, so the
     /// session need not compare the first element again. 0: not known.
@@ -155,7 +155,7 @@ impl FrameScanner {
     }
 
     /// Scans the next frame starting at `at` (or resumes the one in progress).
-        pub fn next(&mut self, buf: &[u8], at: usize) -> Result<Option<Frame>, FrameError> {
+    pub fn next(&mut self, buf: &[u8], at: usize) -> Result<Option<Frame>, FrameError> {
         if !self.active {
             if at >= buf.len() {
                 return Ok(None);
@@ -327,12 +327,51 @@ impl FrameScanner {
 /// the same as RESP3 pushes (`>`). Anything else, or anything incomplete,
 /// falls through to the general scanner, which gives the same result.
 #[inline]
-fn fast_delivery(buf: &[u8], at: usize) -> Option<Frame> {
+pub fn fast_delivery(buf: &[u8], at: usize) -> Option<Frame> {
     let b = buf.get(at..)?;
     let (kind, count, delivery, first_len): (u8, i64, u8, usize) = match b.get(..12)? {
-        [k @ (b'*' | b'>'), b'3', b'\r', b'\n', b'$', b'7', b'\r', b'\n', b'm', b'e', b's', b's'] => (*k, 3, 1, 7),
-        [k @ (b'*' | b'>'), b'4', b'\r', b'\n', b'$', b'8', b'\r', b'\n', b'p', b'm', b'e', b's'] => (*k, 4, 2, 8),
-        [k @ (b'*' | b'>'), b'3', b'\r', b'\n', b'$', b'8', b'\r', b'\n', b's', b'm', b'e', b's'] => (*k, 3, 3, 8),
+        [
+            k @ (b'*' | b'>'),
+            b'3',
+            b'\r',
+            b'\n',
+            b'$',
+            b'7',
+            b'\r',
+            b'\n',
+            b'm',
+            b'e',
+            b's',
+            b's',
+        ] => (*k, 3, 1, 7),
+        [
+            k @ (b'*' | b'>'),
+            b'4',
+            b'\r',
+            b'\n',
+            b'$',
+            b'8',
+            b'\r',
+            b'\n',
+            b'p',
+            b'm',
+            b'e',
+            b's',
+        ] => (*k, 4, 2, 8),
+        [
+            k @ (b'*' | b'>'),
+            b'3',
+            b'\r',
+            b'\n',
+            b'$',
+            b'8',
+            b'\r',
+            b'\n',
+            b's',
+            b'm',
+            b'e',
+            b's',
+        ] => (*k, 3, 3, 8),
         _ => return None,
     };
     let word: &[u8] = match delivery {
@@ -420,7 +459,10 @@ mod tests {
             general.pos = 5;
             general.line_scanned = 5;
             general.stack.clear();
-            general.frame = Frame { start: 5, ..Frame::default() };
+            general.frame = Frame {
+                start: 5,
+                ..Frame::default()
+            };
             let mut slow = general.next(&buf, 5).unwrap().unwrap();
             slow.start -= 5;
             slow.end -= 5;
@@ -428,7 +470,15 @@ mod tests {
                 e.start -= 5;
                 e.end -= 5;
             }
-            assert_eq!(Frame { delivery: 0, ..fast }, slow, "{}", String::from_utf8_lossy(case));
+            assert_eq!(
+                Frame {
+                    delivery: 0,
+                    ..fast
+                },
+                slow,
+                "{}",
+                String::from_utf8_lossy(case)
+            );
         }
         // Not a delivery shape, or incomplete: left to the general scanner.
         assert!(fast_delivery(b"*3\r\n$7\r\nmessagX\r\n", 0).is_none());
