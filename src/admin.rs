@@ -5,6 +5,7 @@
 //! | `/healthz` | 200 while the process runs (liveness)                         |
 //! | `/readyz`  | 200 when Redis answers and no shutdown is under way, else 503 |
 //! | `/metrics` | Prometheus text; OpenMetrics when `Accept` asks for it        |
+//! | `POST /reload` | re-read the policy file: 200, or 422 with every error, or 404 without a policy |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,10 +18,16 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
+use crate::policy::reload::Reloader;
 use crate::upstream::Health;
 
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metrics>) {
+pub async fn serve(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    reloader: Option<Arc<Reloader>>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -32,11 +39,18 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, metrics: Arc<Metr
         };
         let health = health.clone();
         let metrics = metrics.clone();
+        let reloader = reloader.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let health = health.clone();
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(route(&req, &health, &metrics)) }
+                let reloader = reloader.clone();
+                async move {
+                    if req.uri().path() == "/reload" {
+                        return Ok::<_, Infallible>(reload(&req, reloader).await);
+                    }
+                    Ok::<_, Infallible>(route(&req, &health, &metrics))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
@@ -65,6 +79,29 @@ fn route(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Respons
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /healthz, /readyz or /metrics\n".into(),
+        ),
+    }
+}
+
+async fn reload(req: &Request<Incoming>, reloader: Option<Arc<Reloader>>) -> Response<Full<Bytes>> {
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n".into());
+    }
+    let Some(reloader) = reloader else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no policy file is configured; nothing to reload\n".into(),
+        );
+    };
+    match tokio::task::spawn_blocking(move || reloader.reload("POST /reload", true)).await {
+        Ok(Ok(_)) => text(StatusCode::OK, "policy reloaded\n".into()),
+        Ok(Err(errors)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("policy not reloaded; the previous one stays in force:\n{errors}\n"),
+        ),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reload failed: {e}\n"),
         ),
     }
 }

@@ -48,6 +48,7 @@ pub mod proxy;
 pub mod reply;
 pub mod resp;
 pub mod session;
+pub mod telemetry;
 pub mod upstream;
 
 use std::future::Future;
@@ -59,6 +60,9 @@ use tokio::sync::watch;
 
 use config::Settings;
 use upstream::Health;
+
+/// How often the policy file is re-read to see whether it changed.
+const POLICY_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Learns the upstream's command table for policy checks, retrying until
 /// Redis answers; until then the built-in Redis 7.0 table applies.
@@ -134,24 +138,43 @@ pub async fn run(
         health.clone(),
     ));
     let metrics = Arc::new(metrics::Metrics::new(&settings.metrics));
-    let admin = tokio::spawn(admin::serve(
-        admin_listener,
-        health.clone(),
-        metrics.clone(),
-    ));
     let policy = policy.map(|p| {
         Arc::new(policy::gate::PolicyRuntime::new(
             p,
             policy::commands::CommandTable::built_in(),
         ))
     });
+    let reloader = match (&policy, &settings.policy) {
+        (Some(runtime), Some(path)) => Some(Arc::new(policy::reload::Reloader::new(
+            path.clone(),
+            runtime.clone(),
+            metrics.clone(),
+            settings.source.clone().map(|s| (s, settings.clone())),
+        ))),
+        _ => None,
+    };
+    let mut reload_tasks = Vec::new();
+    if let Some(r) = &reloader {
+        reload_tasks.push(tokio::spawn(r.clone().watch(POLICY_CHECK_INTERVAL)));
+        reload_tasks.push(tokio::spawn(r.clone().on_sighup()));
+    }
+    let admin = tokio::spawn(admin::serve(
+        admin_listener,
+        health.clone(),
+        metrics.clone(),
+        reloader,
+    ));
     let learner = policy
         .clone()
         .map(|rt| tokio::spawn(learn_commands(settings.upstream.clone(), rt)));
+    let traces =
+        telemetry::Tracing::start(&settings.tracing, &settings.upstream.address, &metrics)
+            .context("cannot set up trace export (telemetry.tracing)")?;
     let shared = Arc::new(
         proxy::Shared::new(settings, health.clone(), drain_rx)
             .with_metrics(metrics)
-            .with_policy(policy),
+            .with_policy(policy)
+            .with_tracing(traces.clone()),
     );
     let acceptor = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
 
@@ -181,6 +204,12 @@ pub async fn run(
     admin.abort();
     if let Some(learner) = learner {
         learner.abort();
+    }
+    for task in reload_tasks {
+        task.abort();
+    }
+    if let Some(t) = traces {
+        t.shutdown(std::time::Duration::from_secs(2)).await;
     }
     tracing::info!("pubwarden stopped");
     Ok(())

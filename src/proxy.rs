@@ -22,7 +22,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::command::{Command, Kind};
 use crate::config::Settings;
-use crate::metrics::{ConnMetrics, Metrics, PublishResult, UpstreamError};
+use crate::metrics::{ClientClose, ConnMetrics, Metrics, PublishResult, UpstreamError};
 use crate::policy::gate::{Gate, PolicyRuntime, Verdict};
 use crate::reply;
 use crate::resp::frame::FrameScanner;
@@ -44,6 +44,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// `None`: no policy, pubwarden is transparent (AUTH goes to Redis).
     pub policy: Option<Arc<PolicyRuntime>>,
+    /// `None`: tracing is off, and connections carry no tracer.
+    pub tracing: Option<Arc<crate::telemetry::Tracing>>,
 }
 
 impl Shared {
@@ -55,6 +57,7 @@ impl Shared {
         Self {
             metrics: Arc::new(Metrics::new(&settings.metrics)),
             policy: None,
+            tracing: None,
             settings,
             health,
             drain,
@@ -73,6 +76,12 @@ impl Shared {
     /// Checks every request against `policy`.
     pub fn with_policy(mut self, policy: Option<Arc<PolicyRuntime>>) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Traces publishes and deliveries (see `telemetry`).
+    pub fn with_tracing(mut self, tracing: Option<Arc<crate::telemetry::Tracing>>) -> Self {
+        self.tracing = tracing;
         self
     }
 
@@ -115,8 +124,15 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     let mut drain = shared.drain.clone();
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+                        accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if shared.open_connections() >= shared.settings.limits.max_clients {
+                        // Redis's maxclients answer, then a close.
+                        shared.metrics.client_rejected_max_clients();
+                        tracing::warn!(%peer, max = shared.settings.limits.max_clients, "refusing client: max_clients reached");
+                        tokio::spawn(refuse(stream, Bytes::from_static(b"-ERR max number of clients reached\r\n")));
+                        continue;
+                    }
                     let guard = OpenGuard::new(&shared);
                     tokio::spawn(serve(stream, peer, guard));
                 }
@@ -146,6 +162,10 @@ enum Closed {
     ClientIo,
     UpstreamIo,
     Shutdown,
+    SlowConsumer,
+    AuthTimeout,
+    IdleTimeout,
+    PolicyRevoked,
 }
 
 impl Closed {
@@ -159,6 +179,10 @@ impl Closed {
             Closed::ClientIo => "client i/o error",
             Closed::UpstreamIo => "upstream i/o error",
             Closed::Shutdown => "shutdown",
+            Closed::SlowConsumer => "slow consumer (output limit)",
+            Closed::AuthTimeout => "no AUTH within auth_timeout",
+            Closed::IdleTimeout => "idle_timeout",
+            Closed::PolicyRevoked => "policy reload revoked access",
         }
     }
 
@@ -186,13 +210,14 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
     let shared = guard.0.clone();
     let started = Instant::now();
     let _ = client.set_nodelay(true);
+    keepalive(&client, shared.settings.limits.tcp_keepalive);
     let _client_gauge = shared.metrics.client_connected();
     let gate = match &shared.policy {
         Some(runtime) => match Gate::new(runtime.clone(), peer.ip()) {
             Ok(gate) if shared.metrics.enabled() => Some(gate.with_metrics(shared.metrics.clone())),
             Ok(gate) => Some(gate),
             Err(reply) => {
-                shared.metrics.client_rejected();
+                shared.metrics.client_rejected_user_limit();
                 tracing::warn!(%peer, "refusing client: the default user's max_connections is reached");
                 refuse(client, reply).await;
                 return;
@@ -222,7 +247,11 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
             return;
         }
     };
+    keepalive(&upstream, shared.settings.limits.tcp_keepalive);
+    let reloads = shared.policy.as_ref().map(|p| p.reloads());
     let mut conn = Conn::new(client, upstream, &shared.settings);
+    conn.reloads = reloads;
+    conn.closes = Some(shared.metrics.clone());
     if let Some(gate) = &gate {
         conn.parser.set_unauthenticated(!gate.authenticated());
     }
@@ -230,6 +259,7 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
     if shared.metrics.enabled() {
         conn.count_with(&shared.metrics);
     }
+    conn.tracer = shared.tracing.as_ref().map(|t| t.conn());
     let closed = conn.run(shared.drain.clone()).await;
     shared.metrics.upstream_disconnected();
     if let Some(kind) = closed.upstream_error() {
@@ -249,6 +279,17 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
         reason = closed.as_str(),
         "connection closed"
     );
+}
+
+/// Dead peers (a pod gone without a FIN) are found by keepalive probes.
+fn keepalive(stream: &TcpStream, idle: std::time::Duration) {
+    if idle.is_zero() {
+        return;
+    }
+    let ka = socket2::TcpKeepalive::new().with_time(idle);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
 }
 
 /// Tells the client why it cannot be served, then closes without a reset:
@@ -358,6 +399,8 @@ struct Conn {
     counts: Counts,
     /// `None` when metrics are off: then the relay does no metric work.
     metrics: Option<ConnMetrics>,
+    /// `None` when tracing is off: then the relay does no tracing work.
+    tracer: Option<crate::telemetry::ConnTracer>,
     /// The policy gate; `None` without a policy.
     gate: Option<Gate>,
     /// pubwarden's own AUTH, re-sent after a client's RESET signs the
@@ -367,6 +410,17 @@ struct Conn {
     hold: Option<(tokio::time::Instant, std::time::Duration)>,
     /// The gate's login count last seen, to re-label metrics after AUTH.
     logins_seen: u64,
+    /// Policy reloads, to re-check an idle connection's standing at once.
+    reloads: Option<watch::Receiver<u64>>,
+    /// Where pubwarden's own closes are counted.
+    closes: Option<Arc<Metrics>>,
+    limits: crate::config::Limits,
+    /// Since when a subscriber's queued output has been above the soft limit.
+    over_soft_since: Option<tokio::time::Instant>,
+    /// Last time the client sent anything (for `idle_timeout`).
+    last_input: tokio::time::Instant,
+    /// When an unauthenticated connection is closed (`auth_timeout`).
+    auth_deadline: tokio::time::Instant,
 }
 
 impl Conn {
@@ -397,10 +451,17 @@ impl Conn {
             draining: false,
             counts: Counts::default(),
             metrics: None,
+            tracer: None,
             gate: None,
             upstream_auth: upstream::auth_command(&settings.upstream),
             hold: None,
             logins_seen: 0,
+            reloads: None,
+            closes: None,
+            limits: settings.limits.clone(),
+            over_soft_since: None,
+            last_input: tokio::time::Instant::now(),
+            auth_deadline: tokio::time::Instant::now() + settings.limits.auth_timeout,
         }
     }
 
@@ -417,7 +478,23 @@ impl Conn {
                 && self.hold.is_none()
                 && self.to_upstream.len() < self.pause_at
                 && self.session.pending_len() < self.max_pipeline;
-            let read_upstream = self.to_client.len() < self.pause_at;
+            // A subscriber may queue up to its hard limit (and is closed there);
+            // anyone else only pauses Redis, as a relay would.
+            let subscribed = self.session.subscriptions().total() > 0;
+            let out_limit = if subscribed {
+                self.limits.subscriber_output_hard
+            } else {
+                self.pause_at
+            };
+            let read_upstream = self.to_client.len() < out_limit;
+            let auth_pending = self.gate.as_ref().is_some_and(|g| !g.authenticated());
+            let idle_at = (!self.limits.idle_timeout.is_zero()
+                && !subscribed
+                && self.session.pending_len() == 0)
+                .then(|| self.last_input + self.limits.idle_timeout);
+            let soft_at = self
+                .over_soft_since
+                .map(|t| t + self.limits.subscriber_output_soft_for);
             let write_client = !self.to_client.is_empty();
             let write_upstream = !self.to_upstream.is_empty();
             let result = tokio::select! {
@@ -427,6 +504,9 @@ impl Conn {
                     .map(|()| {
                         if let Some(m) = &mut self.metrics {
                             m.output_waiting(self.to_client.len());
+                        }
+                        if let Some(t) = &mut self.tracer {
+                            t.output_waiting(self.to_client.len());
                         }
                     })
                     .map_err(|_| Closed::ClientIo),
@@ -454,8 +534,19 @@ impl Conn {
                     }
                     self.process_client_input()
                 }
-                _ = sleep_until(deadline) => Err(Closed::Shutdown),
+                                _ = sleep_until(deadline) => Err(Closed::Shutdown),
+                _ = changed(&mut self.reloads), if self.reloads.is_some() => self.recheck_policy(),
+                _ = tokio::time::sleep_until(self.auth_deadline), if auth_pending => {
+                    self.count_close(ClientClose::AuthTimeout);
+                    Err(Closed::AuthTimeout)
+                }
+                _ = sleep_until(idle_at), if idle_at.is_some() => {
+                    self.count_close(ClientClose::IdleTimeout);
+                    Err(Closed::IdleTimeout)
+                }
+                _ = sleep_until(soft_at), if soft_at.is_some() => Err(self.slow_consumer()),
             };
+            let result = result.and_then(|()| self.check_output_limits());
             if let Err(reason) = result {
                 if matches!(reason, Closed::ByUpstream | Closed::UpstreamProtocolError) {
                     self.flush_client_before_close().await;
@@ -469,6 +560,64 @@ impl Conn {
                 let _ = self.upstream.shutdown().await;
             }
         }
+    }
+
+    /// A policy reload: go on only if the connection is still allowed.
+    fn recheck_policy(&mut self) -> Result<(), Closed> {
+        let Some(gate) = self.gate.as_mut() else {
+            return Ok(());
+        };
+        match gate.recheck(self.session.subscriptions()) {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                tracing::warn!(
+                    user = gate.user_name().unwrap_or("-"),
+                    reason = why,
+                    "closing connection after policy reload"
+                );
+                self.count_close(ClientClose::PolicyRevoked);
+                Err(Closed::PolicyRevoked)
+            }
+        }
+    }
+
+    fn count_close(&self, why: ClientClose) {
+        if let Some(m) = &self.closes {
+            m.client_closed(why);
+        }
+    }
+
+    /// Redis's `client-output-buffer-limit pubsub`, applied to what pubwarden
+    /// holds for a subscriber.
+    fn check_output_limits(&mut self) -> Result<(), Closed> {
+        if self.session.subscriptions().total() == 0 {
+            self.over_soft_since = None;
+            return Ok(());
+        }
+        let queued = self.to_client.len();
+        if queued >= self.limits.subscriber_output_hard {
+            return Err(self.slow_consumer());
+        }
+        if queued > self.limits.subscriber_output_soft {
+            if self.over_soft_since.is_none() {
+                self.over_soft_since = Some(tokio::time::Instant::now());
+            }
+        } else {
+            self.over_soft_since = None;
+        }
+        Ok(())
+    }
+
+    fn slow_consumer(&self) -> Closed {
+        tracing::warn!(
+            user = self.gate.as_ref().and_then(Gate::user_name).unwrap_or("-"),
+            queued = self.to_client.len(),
+            "closing a subscriber that does not read its deliveries (output limit)"
+        );
+        if let Some(m) = &self.closes {
+            m.slow_consumer_disconnect();
+        }
+        Closed::SlowConsumer
     }
 
     fn begin_drain(&mut self) {
@@ -518,7 +667,10 @@ impl Conn {
                 }
                 return Ok(());
             }
-            Ok(Some(n)) => self.counts.bytes_from_client += n as u64,
+            Ok(Some(n)) => {
+                self.counts.bytes_from_client += n as u64;
+                self.last_input = tokio::time::Instant::now();
+            }
             Err(_) => return Err(Closed::ClientIo),
         }
         self.process_client_input()
@@ -527,6 +679,9 @@ impl Conn {
     fn process_client_input(&mut self) -> Result<(), Closed> {
         if let Some(m) = &mut self.metrics {
             m.begin_batch();
+        }
+        if let Some(t) = &mut self.tracer {
+            t.begin_batch();
         }
         let mut at = 0;
         let mut run = 0;
@@ -563,9 +718,20 @@ impl Conn {
             }
             let args = self.parser.args(&self.from_client, &frame);
             let cmd = Command::classify(&args);
-            let verdict = match self.gate.as_mut() {
-                Some(gate) => gate.check(&cmd, &args, std::time::Instant::now()),
-                None => Verdict::Forward,
+            let over_cap = matches!(cmd.kind, Kind::Subscribe(_))
+                && self.limits.max_subscriptions > 0
+                && self.session.subscriptions().total() + args.len().saturating_sub(1)
+                    > self.limits.max_subscriptions;
+            let verdict = if over_cap {
+                Verdict::Answer {
+                    reply: reply::too_many_subscriptions(self.limits.max_subscriptions),
+                    upstream: None,
+                }
+            } else {
+                match self.gate.as_mut() {
+                    Some(gate) => gate.check(&cmd, &args, std::time::Instant::now()),
+                    None => Verdict::Forward,
+                }
             };
             // Bytes that go upstream instead of the request's own, if any.
             let mut instead: Option<Bytes> = None;
@@ -593,6 +759,10 @@ impl Conn {
                         } else {
                             PublishResult::Denied
                         });
+                    }
+                    if let Some(t) = &mut self.tracer {
+                        let user = self.gate.as_ref().and_then(Gate::user_name);
+                        t.answered_here(&cmd, &args, user, &reply);
                     }
                     self.session.answered_locally(cmd, reply);
                     run = frame.end;
@@ -629,6 +799,18 @@ impl Conn {
                     // Answered here: counted by outcome, never as sent upstream.
                     m.publish_refused(label, channel, result);
                 }
+            }
+            if !answered_here
+                && let Some(t) = &mut self.tracer
+                && let Some(bytes) = t.request(
+                    self.session.enqueued() - 1,
+                    &cmd,
+                    &args,
+                    self.gate.as_ref().and_then(Gate::user_name),
+                )
+            {
+                // A PUBLISH whose payload now carries a trace envelope.
+                instead = Some(Bytes::from(bytes));
             }
             self.counts.commands += 1;
             if let Some(bytes) = instead {
@@ -693,6 +875,9 @@ impl Conn {
             m.answered(&self.session, None);
             m.end_client_batch();
         }
+        if let Some(t) = &mut self.tracer {
+            t.answered(&self.session, None);
+        }
         result
     }
 
@@ -720,6 +905,9 @@ impl Conn {
         if let Some(m) = &mut self.metrics {
             m.begin_batch();
         }
+        if let Some(t) = &mut self.tracer {
+            t.begin_batch();
+        }
         let filter_pmessages = self.gate.as_ref().is_some_and(Gate::filters_deliveries);
         let result = loop {
             // Pub/sub traffic first: a delivery needs no reply pairing, so it
@@ -741,6 +929,18 @@ impl Conn {
                     })
                 {
                     self.send_to_client(run, frame.start)?;
+                    run = frame.end;
+                }
+                // `run <= frame.start`: not hidden above, so the client gets it.
+                if run <= frame.start
+                    && let Some(t) = &mut self.tracer
+                    && let Some(stripped) = t.delivery(kind, &frame, &self.from_upstream)
+                {
+                    self.send_to_client(run, frame.start)?;
+                    self.to_client
+                        .send(&self.client, &stripped)
+                        .map_err(|_| Closed::ClientIo)?;
+                    self.counts.bytes_to_client += stripped.len() as u64;
                     run = frame.end;
                 }
                 at = frame.end;
@@ -801,12 +1001,26 @@ impl Conn {
             if hidden {
                 self.send_to_client(run, frame.start)?;
                 run = frame.end;
+            } else if let FrameClass::Delivery(kind) = class
+                && let Some(t) = &mut self.tracer
+                && let Some(stripped) = t.delivery(kind, &frame, &self.from_upstream)
+            {
+                self.send_to_client(run, frame.start)?;
+                self.to_client
+                    .send(&self.client, &stripped)
+                    .map_err(|_| Closed::ClientIo)?;
+                self.counts.bytes_to_client += stripped.len() as u64;
+                run = frame.end;
             }
             at = frame.end;
             self.session.settle(|reply| due.push(reply));
             if let Some(m) = &mut self.metrics {
                 let reply = (class == FrameClass::Reply).then_some(&frame);
                 m.answered(&self.session, reply.map(|f| (f, &self.from_upstream[..])));
+            }
+            if let Some(t) = &mut self.tracer {
+                let reply = (class == FrameClass::Reply).then_some(&frame);
+                t.answered(&self.session, reply.map(|f| (f, &self.from_upstream[..])));
             }
             if !due.is_empty() {
                 // Local answers go right behind the frame that released them.
@@ -823,6 +1037,9 @@ impl Conn {
         self.send_to_client(run, at)?;
         if let Some(m) = &mut self.metrics {
             m.end_batch(self.to_client.len());
+        }
+        if let Some(t) = &mut self.tracer {
+            t.end_batch(self.to_client.len());
         }
         self.from_upstream.advance(at);
         self.scanner.rebase(at);
@@ -858,6 +1075,18 @@ fn filter_channel_list(frame: &[u8], keep: impl Fn(&[u8]) -> bool) -> Option<Vec
         out.extend_from_slice(b"\r\n");
     }
     Some(out)
+}
+
+/// Resolves when a policy reload happened (never without a policy).
+async fn changed(rx: &mut Option<watch::Receiver<u64>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -12,6 +12,13 @@ pub fn upstream_unavailable(address: &str, cause: &str) -> Bytes {
     ))
 }
 
+/// SUBSCRIBE beyond `limits.max_subscriptions`; nothing of it is subscribed.
+pub fn too_many_subscriptions(max: usize) -> Bytes {
+    Bytes::from(format!(
+        "-ERR pubwarden: at most {max} subscriptions per connection (limits.max_subscriptions)\r\n"
+    ))
+}
+
 /// Error text must stay on one line or it would break the protocol.
 fn one_line(text: &str) -> String {
     text.chars()

@@ -167,6 +167,16 @@ impl Subscriptions {
         self.channels.len() + self.patterns.len() + self.shard.len()
     }
 
+    /// The names subscribed to of one kind.
+    pub fn iter(&self, kind: SubKind) -> impl Iterator<Item = &[u8]> {
+        let set = match kind {
+            SubKind::Channel => &self.channels,
+            SubKind::Pattern => &self.patterns,
+            SubKind::Shard => &self.shard,
+        };
+        set.iter().map(|b| &**b)
+    }
+
     pub fn contains(&self, kind: SubKind, name: &[u8]) -> bool {
         match kind {
             SubKind::Channel => self.channels.contains(name),

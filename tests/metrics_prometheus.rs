@@ -91,12 +91,24 @@ fn counters_are_exact_after_a_known_load() {
     }
 
     let payload: usize = (0..N).map(|i| format!("payload-{i}").len()).sum();
+        // Each connection flushes its counts after writing a batch, so a client can
+    // hold its messages a moment before the counter moves: wait for all of them.
     let text = scrape_until(pw.admin_addr(), secs(5), |t| {
         sample(
             t,
             "pubwarden_deliveries_total",
             "group=\"orders\",kind=\"pmessage\"",
         ) == Some(N as f64)
+            && sample(
+                t,
+                "pubwarden_deliveries_total",
+                                "group=\"orders\",kind=\"message\"",
+            ) == Some((2 * N) as f64)
+            && sample(
+                t,
+                "pubwarden_deliveries_total",
+                "group=\"other\",kind=\"message\"",
+            ) == Some(10.0)
             && sample(
                 t,
                 "pubwarden_commands_total",

@@ -30,6 +30,10 @@ pub struct Settings {
     /// The policy file (users, channel ACL, rate limits); `None`: transparent.
     pub policy: Option<PathBuf>,
     pub metrics: crate::metrics::MetricsSettings,
+    /// `telemetry.tracing`: OpenTelemetry trace export.
+    pub tracing: crate::telemetry::TracingSettings,
+    /// The file these settings were read from, if any (not a YAML key).
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +67,23 @@ pub struct Limits {
     /// Output queued for a slow reader before pubwarden stops reading the
     /// other side, leaving the rest in the kernel and in Redis's buffers.
     pub pause_reading_at: usize,
+    /// Client connections at once; more get `-ERR max number of clients reached`.
+    pub max_clients: usize,
+    /// Output a subscriber may have queued in pubwarden before it is closed
+    /// (Redis's `client-output-buffer-limit pubsub` hard limit) ...
+    pub subscriber_output_hard: usize,
+    /// ... or may keep above this for `subscriber_output_soft_for`.
+    pub subscriber_output_soft: usize,
+    pub subscriber_output_soft_for: Duration,
+    /// A connection that has not authenticated by then is closed (policy only).
+    pub auth_timeout: Duration,
+    /// Close connections that send nothing for this long; zero: never.
+    /// Subscribers and clients waiting for a reply are exempt, as in Redis.
+    pub idle_timeout: Duration,
+    /// TCP keepalive on client and Redis connections; zero: off.
+    pub tcp_keepalive: Duration,
+    /// Channels + patterns + shard channels per connection; zero: no limit.
+    pub max_subscriptions: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +124,14 @@ impl Default for Settings {
                 max_reply_depth: 128,
                 max_pipeline: 1_000_000,
                 pause_reading_at: 4 * 1024 * 1024,
+                max_clients: 10_000,
+                subscriber_output_hard: 32 * 1024 * 1024,
+                subscriber_output_soft: 8 * 1024 * 1024,
+                subscriber_output_soft_for: Duration::from_secs(60),
+                auth_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::ZERO,
+                tcp_keepalive: Duration::from_secs(300),
+                max_subscriptions: 0,
             },
             shutdown: Shutdown {
                 drain_timeout: Duration::from_secs(10),
@@ -113,6 +142,8 @@ impl Default for Settings {
             },
             policy: None,
             metrics: crate::metrics::MetricsSettings::default(),
+            tracing: crate::telemetry::TracingSettings::default(),
+            source: None,
         }
     }
 }
@@ -176,6 +207,7 @@ impl Settings {
             }])
         })?;
         let mut settings = Self::from_yaml(&text, overrides)?;
+        settings.source = Some(path.to_path_buf());
         // A policy named in the file is found next to it, wherever pubwarden runs.
         if overrides.policy.is_none()
             && let Some(p) = settings.policy.take()
@@ -194,7 +226,15 @@ impl Settings {
             &doc,
             "",
             &[
-                "listen", "upstream", "admin", "limits", "shutdown", "log", "policy", "metrics",
+                "listen",
+                "upstream",
+                "admin",
+                "limits",
+                "shutdown",
+                "log",
+                "policy",
+                "metrics",
+                "telemetry",
             ],
         );
         if let Some(v) = r.field(&root, "listen", socket_addr) {
@@ -285,6 +325,14 @@ impl Settings {
                 "max_reply_depth",
                 "max_pipeline",
                 "pause_reading_at",
+                "max_clients",
+                "subscriber_output_hard",
+                "subscriber_output_soft",
+                "subscriber_output_soft_for",
+                "auth_timeout",
+                "idle_timeout",
+                "tcp_keepalive",
+                "max_subscriptions",
             ],
         );
         let within = |lo: u64, hi: u64| {
@@ -314,6 +362,47 @@ impl Settings {
         if let Some(v) = r.field(&limits, "pause_reading_at", within(16 * 1024, 1 << 32)) {
             s.limits.pause_reading_at = v;
         }
+        if let Some(v) = r.field(&limits, "max_clients", yaml::number(1, 10_000_000)) {
+            s.limits.max_clients = v as usize;
+        }
+        if let Some(v) = r.field(
+            &limits,
+            "subscriber_output_hard",
+            within(64 * 1024, 1 << 36),
+        ) {
+            s.limits.subscriber_output_hard = v;
+        }
+        if let Some(v) = r.field(
+            &limits,
+            "subscriber_output_soft",
+            within(64 * 1024, 1 << 36),
+        ) {
+            s.limits.subscriber_output_soft = v;
+        }
+        if let Some(v) = r.field(&limits, "subscriber_output_soft_for", yaml::duration) {
+            s.limits.subscriber_output_soft_for = v;
+        }
+        if let Some(v) = r.field(&limits, "auth_timeout", |t| {
+            yaml::duration(t).and_then(positive)
+        }) {
+            s.limits.auth_timeout = v;
+        }
+        if let Some(v) = r.field(&limits, "idle_timeout", yaml::duration) {
+            s.limits.idle_timeout = v;
+        }
+        if let Some(v) = r.field(&limits, "tcp_keepalive", yaml::duration) {
+            s.limits.tcp_keepalive = v;
+        }
+        if let Some(v) = r.field(&limits, "max_subscriptions", yaml::number(0, 100_000_000)) {
+            s.limits.max_subscriptions = v as usize;
+        }
+        if s.limits.subscriber_output_soft > s.limits.subscriber_output_hard {
+            r.error(
+                "limits.subscriber_output_soft",
+                Pos::default(),
+                "must not exceed limits.subscriber_output_hard",
+            );
+        }
 
         let shutdown = r.section(&root, "shutdown", &["drain_timeout"]);
         if let Some(v) = r.field(&shutdown, "drain_timeout", yaml::duration) {
@@ -336,6 +425,7 @@ impl Settings {
         }
 
         crate::metrics::settings::read(&mut r, &root, &mut s.metrics);
+        crate::telemetry::settings::read(&mut r, &root, &mut s.tracing);
 
         s.apply(overrides, &mut r);
         if r.errors.is_empty() {
@@ -426,6 +516,19 @@ impl fmt::Display for Settings {
         writeln!(f, "  max_reply_depth: {}", self.limits.max_reply_depth)?;
         writeln!(f, "  max_pipeline: {}", self.limits.max_pipeline)?;
         writeln!(f, "  pause_reading_at: {}", self.limits.pause_reading_at)?;
+        let l = &self.limits;
+        writeln!(f, "  max_clients: {}", l.max_clients)?;
+        writeln!(f, "  subscriber_output_hard: {}", l.subscriber_output_hard)?;
+        writeln!(f, "  subscriber_output_soft: {}", l.subscriber_output_soft)?;
+        writeln!(
+            f,
+            "  subscriber_output_soft_for: {}",
+            d(l.subscriber_output_soft_for)
+        )?;
+        writeln!(f, "  auth_timeout: {}", d(l.auth_timeout))?;
+        writeln!(f, "  idle_timeout: {}", d(l.idle_timeout))?;
+        writeln!(f, "  tcp_keepalive: {}", d(l.tcp_keepalive))?;
+        writeln!(f, "  max_subscriptions: {}", l.max_subscriptions)?;
         writeln!(f, "shutdown:")?;
         writeln!(f, "  drain_timeout: {}", d(self.shutdown.drain_timeout))?;
         writeln!(f, "log:")?;
@@ -438,7 +541,8 @@ impl fmt::Display for Settings {
         if let Some(p) = &self.policy {
             writeln!(f, "policy: {}", p.display())?;
         }
-        write!(f, "{}", self.metrics)
+        write!(f, "{}", self.metrics)?;
+        write!(f, "{}", self.tracing)
     }
 }
 
@@ -449,10 +553,9 @@ mod tests {
     #[test]
     fn shipped_example_is_valid_and_states_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pubwarden.yaml");
-        assert_eq!(
-            Settings::load(&path, &Overrides::default()).unwrap(),
-            Settings::default()
-        );
+        let mut loaded = Settings::load(&path, &Overrides::default()).unwrap();
+        assert_eq!(loaded.source.take(), Some(path));
+        assert_eq!(loaded, Settings::default());
     }
 
     #[test]

@@ -87,6 +87,9 @@ fn pos_of(m: &saphyr_parser::Marker) -> Pos {
     }
 }
 
+/// Deepest nesting of lists and mappings a configuration file may have.
+const MAX_DEPTH: usize = 32;
+
 /// Parses one YAML document. Aliases are refused (they buy nothing in a
 /// settings file and are how "billion laughs" documents grow), and so are
 /// duplicate keys, which YAML libraries otherwise resolve silently.
@@ -127,6 +130,11 @@ pub fn parse(text: &str) -> Result<Node, ConfigErrors> {
                         Value::Scalar(text.into_owned(), quoted)
                     };
                 Node { value, pos }
+            }
+                        Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
+                // Settings and policies are a few levels deep; a deeper document
+                // is a mistake or an attack, and would only cost stack later.
+                return Err(fail(pos, format!("nesting deeper than {MAX_DEPTH} levels")));
             }
             Event::SequenceStart(..) => {
                 stack.push(Open::Seq(pos, Vec::new()));

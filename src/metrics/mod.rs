@@ -142,6 +142,17 @@ const DELIVERY_KINDS: [&str; 3] = ["message", "pmessage", "smessage"];
 /// `kind` label of subscriptions, in `SubKind` order.
 const SUB_KINDS: [&str; 3] = ["channel", "pattern", "shard"];
 
+/// Why pubwarden closed a client connection itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientClose {
+    /// A policy reload removed or disabled its user, or denied a current subscription.
+    PolicyRevoked = 0,
+    /// It did not authenticate within `limits.auth_timeout`.
+    AuthTimeout = 1,
+    /// It sent nothing for `limits.idle_timeout`.
+    IdleTimeout = 2,
+}
+
 /// Why an AUTH (or HELLO ... AUTH) failed. Never the user name: an unknown
 /// name is client input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,6 +258,11 @@ pub struct Metrics {
     client_open: Gauge,
     client_accepted: Counter,
     client_rejected: Counter,
+    /// Refused at `limits.max_clients`, and by a user's `max_connections`.
+    client_rejected_max: Counter,
+    client_rejected_user: Counter,
+    /// Closed by pubwarden: policy revoked, auth timeout, idle timeout.
+    client_closed: [Counter; 3],
     upstream_open: Gauge,
     upstream_connects: Counter,
     upstream_errors: [Counter; 5],
@@ -261,6 +277,10 @@ pub struct Metrics {
     rate_limit_delay_seconds: Family<Labels, Counter<f64>>,
     config_reloads: [Counter; 2],
     config_last_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+
+    /// Spans not exported: queue full, export failed (src/telemetry).
+    trace_span_drops: [Counter; 2],
+    envelope_latency: AtomicHistogram,
 }
 
 fn latency() -> AtomicHistogram {
@@ -412,6 +432,10 @@ impl Metrics {
             "pubwarden_client_connections_rejected",
             "Client connections refused, by reason",
         );
+        let client_closed_f = r.counters(
+            "pubwarden_client_disconnects",
+            "Client connections pubwarden closed itself, by reason (policy_revoked, auth_timeout, idle_timeout)",
+        );
         let upstream_open = r.gauge(
             "pubwarden_upstream_connections",
             "Relay connections to Redis currently open",
@@ -475,6 +499,18 @@ impl Metrics {
             config_last_success.clone(),
         );
         config_last_success.set(unix_now());
+        let mut r = Reg(&mut registry);
+        let span_drops_f = r.counters(
+            "pubwarden_trace_spans_dropped",
+            "Trace spans not exported, by reason (queue_full, export_failed)",
+        );
+        let trace_span_drops = ["queue_full", "export_failed"]
+            .map(|why| span_drops_f.get_or_create_owned(&labels(&[("reason", why)])));
+        let envelope_latency = r.histogram(
+            "pubwarden_envelope_latency_seconds",
+            "Time from the publishing pubwarden reading a publish to this one reading its delivery, for trace envelopes",
+            histogram::LATENCY,
+        );
 
         let group: Box<[GroupHandles]> = groups
             .names()
@@ -551,6 +587,12 @@ impl Metrics {
             client_accepted,
             client_rejected: client_rejected_f
                 .get_or_create_owned(&labels(&[("reason", "upstream_unavailable")])),
+            client_rejected_max: client_rejected_f
+                .get_or_create_owned(&labels(&[("reason", "max_clients")])),
+            client_rejected_user: client_rejected_f
+                .get_or_create_owned(&labels(&[("reason", "user_max_connections")])),
+            client_closed: ["policy_revoked", "auth_timeout", "idle_timeout"]
+                .map(|why| client_closed_f.get_or_create_owned(&labels(&[("reason", why)]))),
             upstream_open,
             upstream_connects,
             upstream_errors: UPSTREAM_ERRORS
@@ -567,7 +609,20 @@ impl Metrics {
             config_reloads: ["success", "failure"]
                 .map(|res| reloads_f.get_or_create_owned(&labels(&[("result", res)]))),
             config_last_success,
+            trace_span_drops,
+            envelope_latency,
         }
+    }
+
+    /// Handles of `pubwarden_trace_spans_dropped`: (queue full, export failed).
+    pub fn trace_span_drops(&self) -> (Counter, Counter) {
+        let [full, failed] = &self.trace_span_drops;
+        (full.clone(), failed.clone())
+    }
+
+    /// `pubwarden_envelope_latency_seconds`, observed in nanoseconds.
+    pub fn envelope_latency(&self) -> AtomicHistogram {
+        self.envelope_latency.clone()
     }
 
     /// Whether connections count publishes, deliveries and commands.
@@ -623,6 +678,21 @@ impl Metrics {
     /// A client was refused because Redis could not be reached.
     pub fn client_rejected(&self) {
         self.client_rejected.inc();
+    }
+
+    /// A client was refused at `limits.max_clients`.
+    pub fn client_rejected_max_clients(&self) {
+        self.client_rejected_max.inc();
+    }
+
+    /// A client was refused by its user's `max_connections`.
+    pub fn client_rejected_user_limit(&self) {
+        self.client_rejected_user.inc();
+    }
+
+    /// pubwarden closed a client: 0 policy revoked, 1 auth timeout, 2 idle timeout.
+    pub fn client_closed(&self, reason: ClientClose) {
+        self.client_closed[reason as usize].inc();
     }
 
     pub fn upstream_connected(&self) {

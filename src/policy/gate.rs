@@ -87,6 +87,8 @@ pub struct PolicyRuntime {
     connections: Mutex<HashMap<String, u32>>,
     auth_failures: Mutex<Option<(u32, Limiter<IpAddr>)>>,
     epoch: Instant,
+    /// Bumped on every reload, so idle connections re-check their standing.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 /// Client addresses whose failed AUTH attempts are tracked at once.
@@ -100,7 +102,19 @@ impl PolicyRuntime {
             connections: Mutex::new(HashMap::new()),
             auth_failures: Mutex::new(None),
             epoch: Instant::now(),
+            generation: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Swaps in a new policy and tells every connection.
+    pub fn replace(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Changes on every policy reload.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn now_ns(&self, now: Instant) -> u64 {
@@ -350,6 +364,27 @@ impl Gate {
                     self.revoked = true;
                 }
             }
+        }
+    }
+
+    /// After a reload: `Err(reason)` when this connection may no longer go
+    /// on, as Redis disconnects clients whose ACL no longer allows them
+    /// (user removed or disabled, or a current subscription now denied).
+    pub fn recheck(&mut self, subs: &crate::session::Subscriptions) -> Result<(), &'static str> {
+        self.refresh();
+        if self.revoked {
+            return Err("user removed, disabled or no longer allowed from this address");
+        }
+        let Some(user) = self.current_user() else {
+            return Ok(());
+        };
+        let allowed = subs.iter(SubKind::Channel).all(|c| user.may_subscribe(c))
+            && subs.iter(SubKind::Shard).all(|c| user.may_subscribe(c))
+            && subs.iter(SubKind::Pattern).all(|p| user.may_psubscribe(p));
+        if allowed {
+            Ok(())
+        } else {
+            Err("a current subscription is no longer allowed")
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod commands;
 pub mod gate;
 pub mod ratelimit;
+pub mod reload;
 pub mod schema;
 
 use std::collections::HashSet;
