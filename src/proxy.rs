@@ -225,18 +225,18 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
         },
         None => None,
     };
-    let upstream = match upstream::connect(&shared.settings.upstream).await {
+    let upstream = match upstream::connect_relay(&shared.settings.upstream, &shared.health).await {
         Ok(s) => {
-            shared.health.set_upstream(true);
             shared.metrics.upstream_connected();
             s
         }
         Err(e) => {
-            shared.health.set_upstream(false);
-            shared.metrics.upstream_connect_failed(
-                matches!(e, upstream::ConnectError::Timeout(_)),
-                matches!(&e, upstream::ConnectError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused),
-            );
+            if !matches!(e, upstream::ConnectError::CircuitOpen) {
+                shared.metrics.upstream_connect_failed(
+                    matches!(e, upstream::ConnectError::Timeout(_)),
+                    matches!(&e, upstream::ConnectError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused),
+                );
+            }
             shared.metrics.client_rejected();
             tracing::warn!(%peer, upstream = %shared.settings.upstream.address, error = %e, "refusing client: upstream unavailable");
             refuse(

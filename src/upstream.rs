@@ -22,6 +22,9 @@ pub enum ConnectError {
     /// never contains the password).
     #[error("Redis refused pubwarden's credentials: {0}")]
     Auth(String),
+    /// Recent connects all failed; not trying again for a moment.
+    #[error("connects keep failing; retrying shortly")]
+    CircuitOpen,
 }
 
 /// `AUTH [username] password` with pubwarden's credentials, if configured.
@@ -61,6 +64,52 @@ async fn authenticate(stream: &mut TcpStream, auth: &[u8]) -> Result<(), Connect
     }
 }
 
+/// Opens a relay connection, retrying a refused connect twice with jittered
+/// backoff (a Redis restarting or failing over comes back within moments),
+/// all within one connect timeout; refused at once while the circuit is open.
+pub async fn connect_relay(
+    settings: &Upstream,
+    health: &Health,
+) -> Result<TcpStream, ConnectError> {
+    if health.circuit_open() {
+        return Err(ConnectError::CircuitOpen);
+    }
+    let deadline = tokio::time::Instant::now() + settings.connect_timeout;
+    let mut backoff = Duration::from_millis(25);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match connect(settings).await {
+            Ok(s) => {
+                health.connect_succeeded();
+                return Ok(s);
+            }
+            Err(ConnectError::Io(e))
+                if attempt < 3 && e.kind() == io::ErrorKind::ConnectionRefused =>
+            {
+                // Jitter from the clock's low bits: no RNG needed for spreading retries.
+                let jitter = Duration::from_micros(u64::from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_micros())
+                        % 25_000,
+                ));
+                let wake = tokio::time::Instant::now() + backoff + jitter;
+                if wake >= deadline {
+                    health.connect_failed();
+                    return Err(ConnectError::Io(e));
+                }
+                tokio::time::sleep_until(wake).await;
+                backoff *= 2;
+            }
+            Err(e) => {
+                health.connect_failed();
+                return Err(e);
+            }
+        }
+    }
+}
+
 /// Opens one relay connection to Redis, bounded by the connect timeout.
 pub async fn connect(settings: &Upstream) -> Result<TcpStream, ConnectError> {
     let mut stream = tokio::time::timeout(
@@ -83,7 +132,18 @@ pub async fn connect(settings: &Upstream) -> Result<TcpStream, ConnectError> {
 pub struct Health {
     upstream_ok: AtomicBool,
     draining: AtomicBool,
+    /// Consecutive failed connects, and when the last one failed (ms since
+    /// start): the circuit breaker's state.
+    failures: std::sync::atomic::AtomicU32,
+    last_failure_ms: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
 }
+
+/// Consecutive connect failures after which the circuit opens.
+const CIRCUIT_THRESHOLD: u32 = 3;
+/// While open, clients are refused at once for this long after the last
+/// failure; then one connect is tried again (half-open).
+const CIRCUIT_OPEN_FOR: Duration = Duration::from_millis(500);
 
 impl Health {
     pub fn set_upstream(&self, ok: bool) {
@@ -99,6 +159,34 @@ impl Health {
 
     pub fn upstream_ok(&self) -> bool {
         self.upstream_ok.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        let epoch = self.epoch.get_or_init(std::time::Instant::now);
+        epoch.elapsed().as_millis() as u64
+    }
+
+    /// A relay connect failed.
+    pub fn connect_failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.last_failure_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.set_upstream(false);
+    }
+
+    /// A relay connect succeeded: the circuit closes.
+    pub fn connect_succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        self.set_upstream(true);
+    }
+
+    /// Open after repeated failures, so a dead Redis is not hammered by every
+    /// client's connect and clients learn at once that it is down.
+    pub fn circuit_open(&self) -> bool {
+        self.failures.load(Ordering::Relaxed) >= CIRCUIT_THRESHOLD
+            && self
+                .now_ms()
+                .saturating_sub(self.last_failure_ms.load(Ordering::Relaxed))
+                < CIRCUIT_OPEN_FOR.as_millis() as u64
     }
 
     pub fn set_draining(&self) {

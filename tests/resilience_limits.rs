@@ -188,3 +188,27 @@ fn subscriptions_per_connection_are_capped() {
         text(b"*3\r\n$12\r\npunsubscribe\r\n$-1\r\n:2\r\n")
     );
 }
+
+#[test]
+fn a_dead_redis_is_not_hammered_by_every_client() {
+    let dead = free_port();
+    let proxy = Pubwarden::start_with(dead, None, WaitFor::Healthy);
+    for i in 0..20 {
+        let mut c = proxy.connect();
+        c.send(&encode(&["PING"]));
+        let (bytes, _) = c.read_until_eof(secs(5));
+        assert!(
+            text(&bytes).starts_with("-ERR pubwarden: upstream Redis at"),
+            "client {i}: {}",
+            text(&bytes)
+        );
+    }
+    // Each refused connect was retried at most twice, and once the breaker
+    // opened, clients were answered without a connect at all.
+    let refused = metric(
+        &proxy,
+        "pubwarden_upstream_errors_total{kind=\"connect_refused\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(refused < 20.0, "every client hit the dead Redis: {refused}");
+}
