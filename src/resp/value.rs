@@ -95,9 +95,10 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Value, usize), Fram
                 items.push(v);
                 pos = p;
             }
-            if kind == b'|' {
-                // An attribute decorates the value after it.
-                return decode_at(buf, pos, depth);
+                        if kind == b'|' {
+                // An attribute decorates the value after it; a chain of them
+                // spends depth like nesting does, so it cannot run the stack out.
+                return decode_at(buf, pos, depth - 1);
             }
             Ok((Value::Array(items), pos))
         }
