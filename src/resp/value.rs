@@ -49,9 +49,20 @@ fn line(buf: &[u8], at: usize) -> Result<(&[u8], usize), FrameError> {
     Ok((&buf[at..cr], cr + 2))
 }
 
-fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Value, usize), FrameError> {
+fn decode_at(buf: &[u8], mut at: usize, depth: usize) -> Result<(Value, usize), FrameError> {
     if depth == 0 {
         return Err(FrameError::TooDeep(0));
+    }
+    // Attributes decorate the value after them: skip them in a loop, so a long
+    // chain of them costs no stack.
+    while buf.get(at) == Some(&b'|') {
+        let (body, next) = line(buf, at + 1)?;
+        let n = parse_i64(body).ok_or(FrameError::InvalidLength)?;
+        let mut pos = next;
+        for _ in 0..n.max(0).saturating_mul(2) {
+            pos = decode_at(buf, pos, depth - 1)?.1;
+        }
+        at = pos;
     }
     let kind = *buf.get(at).ok_or(FrameError::InvalidLength)?;
     let (body, next) = line(buf, at + 1)?;
@@ -78,16 +89,12 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Value, usize), Fram
             };
             Ok((v, end + 2))
         }
-        b'*' | b'>' | b'~' | b'%' | b'|' => {
+        b'*' | b'>' | b'~' | b'%' => {
             let n = int()?;
             if n < 0 {
                 return Ok((Value::Null, next));
             }
-            let count = if matches!(kind, b'%' | b'|') {
-                n * 2
-            } else {
-                n
-            } as usize;
+            let count = if kind == b'%' { n * 2 } else { n } as usize;
             let mut items = Vec::with_capacity(count.min(1024));
             let mut pos = next;
             for _ in 0..count {
@@ -95,11 +102,7 @@ fn decode_at(buf: &[u8], at: usize, depth: usize) -> Result<(Value, usize), Fram
                 items.push(v);
                 pos = p;
             }
-                        if kind == b'|' {
-                // An attribute decorates the value after it; a chain of them
-                // spends depth like nesting does, so it cannot run the stack out.
-                return decode_at(buf, pos, depth - 1);
-            }
+
             Ok((Value::Array(items), pos))
         }
         other => Err(FrameError::UnknownType(other)),
