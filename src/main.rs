@@ -159,11 +159,16 @@ fn run(file: Option<&std::path::Path>, overrides: &Overrides) -> ExitCode {
     }
     // On one CPU (a sidecar limited to one core, or a pinned process) a
     // single-threaded runtime avoids the work-stealing scheduler's overhead.
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut builder = if cpus == 1 {
+    let threads = match settings.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
     };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,

@@ -34,6 +34,9 @@ pub struct Settings {
     pub tracing: crate::telemetry::TracingSettings,
     /// The file these settings were read from, if any (not a YAML key).
     pub source: Option<PathBuf>,
+    /// Threads relaying connections; 0: one per available CPU. With one, a
+    /// single-threaded runtime is used (cheaper, and it may skip a read per batch).
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +147,7 @@ impl Default for Settings {
             metrics: crate::metrics::MetricsSettings::default(),
             tracing: crate::telemetry::TracingSettings::default(),
             source: None,
+            worker_threads: 0,
         }
     }
 }
@@ -235,8 +239,12 @@ impl Settings {
                 "policy",
                 "metrics",
                 "telemetry",
+                "worker_threads",
             ],
         );
+        if let Some(v) = r.field(&root, "worker_threads", yaml::number(0, 1024)) {
+            s.worker_threads = v as usize;
+        }
         if let Some(v) = r.field(&root, "listen", socket_addr) {
             s.listen = v;
         }
@@ -541,6 +549,7 @@ impl fmt::Display for Settings {
         if let Some(p) = &self.policy {
             writeln!(f, "policy: {}", p.display())?;
         }
+        writeln!(f, "worker_threads: {}", self.worker_threads)?;
         write!(f, "{}", self.metrics)?;
         write!(f, "{}", self.tracing)
     }
