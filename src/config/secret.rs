@@ -39,9 +39,7 @@ impl Secret {
             SecretSource::Env(var) => std::env::var_os(var)
                 .ok_or_else(|| format!("environment variable {var} is not set"))?
                 .into_encoded_bytes(),
-            SecretSource::File(path) => {
-                std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?
-            }
+            SecretSource::File(path) => read_bounded(path)?,
             SecretSource::Plain => inline.unwrap_or_default().as_bytes().to_vec(),
         };
         // Files written by `echo` or mounted Secrets often end with a newline.
@@ -58,6 +56,32 @@ impl Secret {
         }
         Ok(Secret { source, value })
     }
+}
+
+/// Longest secret file read: a password, not whatever a path points at
+/// (`/dev/zero` must not exhaust memory, even on a reload).
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
+fn read_bounded(path: &str) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    if !file
+        .metadata()
+        .map_err(|e| format!("cannot read {path}: {e}"))?
+        .is_file()
+    {
+        return Err(format!("{path} is not a regular file"));
+    }
+    let mut value = Vec::new();
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut value)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if value.len() as u64 > MAX_SECRET_FILE {
+        return Err(format!(
+            "{path} is larger than {MAX_SECRET_FILE} bytes; not a password file"
+        ));
+    }
+    Ok(value)
 }
 
 impl fmt::Debug for Secret {

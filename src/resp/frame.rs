@@ -41,7 +41,8 @@ pub struct Frame {
     pub end: usize,
     /// The type byte: `*`, `>`, `+`, `-`, `$`, `|`, ...
     pub kind: u8,
-    /// Element count of an aggregate (maps count pairs twice); -1 for null.
+    /// Declared element count of an aggregate (for maps and attributes, the
+    /// number of pairs); -1 for null.
     pub len: i64,
     pub elems: [Elem; MAX_ELEMS],
     pub recorded: u8,

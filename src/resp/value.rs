@@ -94,7 +94,11 @@ fn decode_at(buf: &[u8], mut at: usize, depth: usize) -> Result<(Value, usize), 
             if n < 0 {
                 return Ok((Value::Null, next));
             }
-            let count = if kind == b'%' { n * 2 } else { n } as usize;
+            let count = if kind == b'%' {
+                n.checked_mul(2).ok_or(FrameError::InvalidLength)?
+            } else {
+                n
+            } as usize;
             let mut items = Vec::with_capacity(count.min(1024));
             let mut pos = next;
             for _ in 0..count {
