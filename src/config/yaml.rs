@@ -131,7 +131,7 @@ pub fn parse(text: &str) -> Result<Node, ConfigErrors> {
                     };
                 Node { value, pos }
             }
-                        Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
+            Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
                 // Settings and policies are a few levels deep; a deeper document
                 // is a mistake or an attack, and would only cost stack later.
                 return Err(fail(pos, format!("nesting deeper than {MAX_DEPTH} levels")));
