@@ -488,11 +488,16 @@ impl Conn {
         }
     }
 
-    async fn run(&mut self, mut drain: watch::Receiver<Option<tokio::time::Instant>>) -> Closed {
+    async fn run(&mut self, drain: watch::Receiver<Option<tokio::time::Instant>>) -> Closed {
         let mut deadline: Option<tokio::time::Instant> = *drain.borrow();
         if deadline.is_some() {
             self.begin_drain();
         }
+        // Futures that wait for rare events live across iterations, so the hot
+        // loop does not re-register a waiter (a lock) on every pass.
+        let mut drain_signal = std::pin::pin!(drain_deadline(drain));
+        let mut reload_signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(next_reload(self.reloads.clone()));
         loop {
             if let Some(reason) = self.finished() {
                 return reason;
@@ -544,11 +549,9 @@ impl Conn {
                     Ok(()) => self.on_client_readable(),
                     Err(_) => Err(Closed::ClientIo),
                 },
-                _ = drain.changed(), if deadline.is_none() => {
-                    deadline = *drain.borrow();
-                    if deadline.is_some() {
-                        self.begin_drain();
-                    }
+                                d = &mut drain_signal, if deadline.is_none() => {
+                    deadline = Some(d);
+                    self.begin_drain();
                     Ok(())
                 }
                 _ = sleep_until(self.hold.map(|(until, _)| until)), if self.hold.is_some() => {
@@ -558,7 +561,10 @@ impl Conn {
                     self.process_client_input()
                 }
                                 _ = sleep_until(deadline) => Err(Closed::Shutdown),
-                _ = changed(&mut self.reloads), if self.reloads.is_some() => self.recheck_policy(),
+                                _ = &mut reload_signal, if self.reloads.is_some() => {
+                    reload_signal = Box::pin(next_reload(self.reloads.clone()));
+                    self.recheck_policy()
+                }
                 _ = tokio::time::sleep_until(self.auth_deadline), if auth_pending => {
                     self.count_close(ClientClose::AuthTimeout);
                     Err(Closed::AuthTimeout)
@@ -1104,15 +1110,31 @@ fn filter_channel_list(frame: &[u8], keep: impl Fn(&[u8]) -> bool) -> Option<Vec
     Some(out)
 }
 
-/// Resolves when a policy reload happened (never without a policy).
-async fn changed(rx: &mut Option<watch::Receiver<u64>>) {
+/// Resolves at the next policy reload (never without a policy). Takes its
+/// own receiver, marked seen, so it can live across loop iterations.
+async fn next_reload(rx: Option<watch::Receiver<u64>>) {
     match rx {
-        Some(rx) => {
+        Some(mut rx) => {
+            rx.borrow_and_update();
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves with the drain deadline once shutdown begins.
+async fn drain_deadline(
+    mut rx: watch::Receiver<Option<tokio::time::Instant>>,
+) -> tokio::time::Instant {
+    loop {
+        if let Some(d) = *rx.borrow_and_update() {
+            return d;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
