@@ -91,7 +91,7 @@ fn counters_are_exact_after_a_known_load() {
     }
 
     let payload: usize = (0..N).map(|i| format!("payload-{i}").len()).sum();
-        // Each connection flushes its counts after writing a batch, so a client can
+    // Each connection flushes its counts after writing a batch, so a client can
     // hold its messages a moment before the counter moves: wait for all of them.
     let text = scrape_until(pw.admin_addr(), secs(5), |t| {
         sample(
@@ -102,7 +102,7 @@ fn counters_are_exact_after_a_known_load() {
             && sample(
                 t,
                 "pubwarden_deliveries_total",
-                                "group=\"orders\",kind=\"message\"",
+                "group=\"orders\",kind=\"message\"",
             ) == Some((2 * N) as f64)
             && sample(
                 t,

@@ -145,8 +145,7 @@ impl Tracing {
         let provider = self.provider.clone();
         // The SDK's shutdown blocks its thread until the export task answers,
         // and that task runs on this runtime.
-        let done =
-            tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
+        let done = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
         match tokio::time::timeout(timeout + Duration::from_millis(200), done).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "trace export did not finish cleanly"),
@@ -161,7 +160,10 @@ impl Tracing {
     }
 
     fn common(&self, attrs: &mut Vec<KeyValue>, user: Option<&str>) {
-        attrs.push(KeyValue::new(semconv::SERVER_ADDRESS, self.server_address.clone()));
+        attrs.push(KeyValue::new(
+            semconv::SERVER_ADDRESS,
+            self.server_address.clone(),
+        ));
         attrs.push(KeyValue::new(semconv::SERVER_PORT, self.server_port));
         if let Some(u) = user {
             attrs.push(KeyValue::new(semconv::USER_NAME, u.to_string()));
@@ -491,7 +493,7 @@ impl ConnTracer {
                 parent = None;
             }
         }
-        if parent.is_none() && self.t.index.may_hold(payload.len()) {
+        if parent.is_none() && self.t.index.may_hold(channel, payload) {
             parent = self.t.index.get(channel, payload);
         }
         let sampled = match &parent {
@@ -579,7 +581,8 @@ fn finish(mut e: Pending, reply: Option<(&Frame, &[u8])>) {
                 .get(f.start + 1..f.end.saturating_sub(2))
                 .and_then(crate::resp::parse_i64)
         {
-            e.span.set_attribute(KeyValue::new("pubwarden.receivers", n));
+            e.span
+                .set_attribute(KeyValue::new("pubwarden.receivers", n));
         }
     }
     e.span.end();
@@ -641,7 +644,10 @@ mod tests {
 
     #[test]
     fn error_codes() {
-        assert_eq!(error_type(b"-NOPERM User x has no permissions\r\n"), "NOPERM");
+        assert_eq!(
+            error_type(b"-NOPERM User x has no permissions\r\n"),
+            "NOPERM"
+        );
         assert_eq!(error_type(b"-RATELIMIT slow down\r\n"), "RATELIMIT");
         assert_eq!(error_type(b"-\r\n"), "ERR");
     }

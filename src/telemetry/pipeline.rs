@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use opentelemetry::Context;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::runtime;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, Sampler, SdkTracerProvider, Span, SpanData, SpanExporter, SpanProcessor,
 };
-use opentelemetry_sdk::Resource;
 use prometheus_client::metrics::counter::Counter;
 
 use super::settings::{Protocol, TracingSettings};
@@ -137,9 +137,15 @@ pub fn provider(s: &TracingSettings, drops: DropCounters) -> anyhow::Result<SdkT
             for (k, v) in &headers {
                 let key = k
                     .parse::<tonic::metadata::AsciiMetadataKey>()
-                    .map_err(|_| anyhow::anyhow!("telemetry.tracing.headers: `{k}` is not a valid gRPC metadata key"))?;
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "telemetry.tracing.headers: `{k}` is not a valid gRPC metadata key"
+                        )
+                    })?;
                 let value = v.parse().map_err(|_| {
-                    anyhow::anyhow!("telemetry.tracing.headers.{k}: the value is not valid gRPC metadata")
+                    anyhow::anyhow!(
+                        "telemetry.tracing.headers.{k}: the value is not valid gRPC metadata"
+                    )
                 })?;
                 metadata.insert(key, value);
             }

@@ -193,7 +193,7 @@ fn entries<'a>(r: &mut Reader, node: &'a Node, path: &str) -> &'a [(Node, Node)]
     }
 }
 
-fn key_of<'a>(k: &'a Node) -> &'a str {
+fn key_of(k: &Node) -> &str {
     match &k.value {
         Value::Scalar(s, _) => s,
         _ => "",
@@ -489,9 +489,8 @@ mod tests {
             vec![("a".into(), "1".into()), ("b".into(), "x y".into())]
         );
         assert_eq!(warnings.len(), 1, "{warnings:?}");
-        let (s, warnings) = TracingSettings::default().with_env_from(|k| {
-            (k == "OTEL_TRACES_SAMPLER").then(|| "jaeger_remote".to_string())
-        });
+        let (s, warnings) = TracingSettings::default()
+            .with_env_from(|k| (k == "OTEL_TRACES_SAMPLER").then(|| "jaeger_remote".to_string()));
         assert_eq!(s.sampling_ratio, 0.01);
         assert!(!s.enabled);
         assert_eq!(warnings.len(), 1);

@@ -13,6 +13,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod net;
+pub mod otlp;
 pub mod policy;
 pub mod procs;
 pub mod prom;
