@@ -167,9 +167,8 @@ pub async fn run(
     let learner = policy
         .clone()
         .map(|rt| tokio::spawn(learn_commands(settings.upstream.clone(), rt)));
-    let traces =
-        telemetry::Tracing::start(&settings.tracing, &settings.upstream.address, &metrics)
-            .context("cannot set up trace export (telemetry.tracing)")?;
+    let traces = telemetry::Tracing::start(&settings.tracing, &settings.upstream.address, &metrics)
+        .context("cannot set up trace export (telemetry.tracing)")?;
     let shared = Arc::new(
         proxy::Shared::new(settings, health.clone(), drain_rx)
             .with_metrics(metrics)

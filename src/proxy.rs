@@ -442,6 +442,9 @@ struct Conn {
     auth_deadline: tokio::time::Instant,
     /// Running on a current-thread runtime (see [`read_some`]).
     single_threaded: bool,
+    /// For reconnecting a subscriber whose Redis connection died.
+    upstream_settings: crate::config::Upstream,
+    max_reply_depth: usize,
 }
 
 impl Conn {
@@ -485,6 +488,8 @@ impl Conn {
             auth_deadline: tokio::time::Instant::now() + settings.limits.auth_timeout,
             single_threaded: tokio::runtime::Handle::try_current()
                 .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread),
+            upstream_settings: settings.upstream.clone(),
+            max_reply_depth: settings.limits.max_reply_depth,
         }
     }
 
@@ -577,6 +582,17 @@ impl Conn {
             };
             let result = result.and_then(|()| self.check_output_limits());
             if let Err(reason) = result {
+                if matches!(
+                    reason,
+                    Closed::ByUpstream | Closed::UpstreamIo | Closed::UpstreamProtocolError
+                ) && self.may_resubscribe()
+                {
+                    self.flush_client_before_close().await;
+                    match self.resubscribe().await {
+                        Ok(()) => continue,
+                        Err(reason) => return reason,
+                    }
+                }
                 if matches!(reason, Closed::ByUpstream | Closed::UpstreamProtocolError) {
                     self.flush_client_before_close().await;
                 }
@@ -589,6 +605,106 @@ impl Conn {
                 let _ = self.upstream.shutdown().await;
             }
         }
+    }
+
+    /// Opted in, subscribed, and nothing in flight that a new connection
+    /// could answer wrongly.
+    fn may_resubscribe(&self) -> bool {
+        let enabled = self
+            .gate
+            .as_ref()
+            .and_then(Gate::resubscribe)
+            .unwrap_or(self.upstream_settings.resubscribe);
+        enabled
+            && self.session.subscriptions().total() > 0
+            && self.session.quiescent()
+            && self.to_upstream.is_empty()
+            && !self.client_done
+            && !self.draining
+    }
+
+    /// Reconnects to Redis and restores the protocol and every subscription,
+    /// swallowing the confirmations: the client sees only a gap in messages.
+    async fn resubscribe(&mut self) -> Result<(), Closed> {
+        let started = std::time::Instant::now();
+        let give_up = tokio::time::Instant::now() + self.upstream_settings.resubscribe_for;
+        let user = self
+            .gate
+            .as_ref()
+            .and_then(Gate::user_name)
+            .unwrap_or("-")
+            .to_string();
+        tracing::warn!(
+            %user,
+            subscriptions = self.session.subscriptions().total(),
+            "Redis connection lost; reconnecting to subscribe again"
+        );
+        if let Some(m) = &self.closes {
+            m.upstream_error(UpstreamError::Closed);
+        }
+        let mut backoff = std::time::Duration::from_millis(100);
+        let stream = loop {
+            match upstream::connect(&self.upstream_settings).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    if tokio::time::Instant::now() + backoff > give_up {
+                        tracing::warn!(%user, error = %e, "could not reconnect in time; closing the subscriber");
+                        return Err(Closed::ByUpstream);
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        };
+        keepalive(&stream, self.limits.tcp_keepalive);
+        self.upstream = stream;
+        self.from_upstream = BytesMut::new();
+        self.scanner = FrameScanner::new(self.max_reply_depth);
+        self.upstream_half_closed = false;
+        let mut out = Vec::new();
+        if self.session.protocol() == 3 {
+            out.extend(crate::resp::encode_command(&[b"HELLO", b"3"]));
+            self.session.internal(Command {
+                kind: Kind::Hello(Some(3)),
+                name: "hello",
+            });
+        }
+        for (kind, name) in [
+            (crate::command::SubKind::Channel, "subscribe"),
+            (crate::command::SubKind::Pattern, "psubscribe"),
+            (crate::command::SubKind::Shard, "ssubscribe"),
+        ] {
+            let names: Vec<Box<[u8]>> = self
+                .session
+                .subscriptions()
+                .iter(kind)
+                .map(Box::from)
+                .collect();
+            // Bounded commands, however many subscriptions there are.
+            for chunk in names.chunks(1000) {
+                let mut args: Vec<&[u8]> = vec![name.as_bytes()];
+                args.extend(chunk.iter().map(|c| &**c));
+                out.extend(crate::resp::encode_command(&args));
+                self.session.internal_with(
+                    Command {
+                        kind: Kind::Subscribe(kind),
+                        name,
+                    },
+                    chunk.to_vec(),
+                );
+            }
+        }
+        self.to_upstream
+            .send(&self.upstream, &out)
+            .map_err(|_| Closed::UpstreamIo)?;
+        // Activate the internal entries before their answers arrive.
+        self.send_due_answers()?;
+        let gap = started.elapsed();
+        if let Some(m) = &self.closes {
+            m.resubscribed(gap);
+        }
+        tracing::info!(%user, gap_ms = gap.as_millis() as u64, "subscribed again on a new Redis connection");
+        Ok(())
     }
 
     /// A policy reload: go on only if the connection is still allowed.

@@ -294,13 +294,25 @@ impl Session {
 
     /// pubwarden sends a command of its own; its answer is swallowed.
     pub fn internal(&mut self, cmd: Command) {
+        self.internal_with(cmd, Vec::new());
+    }
+
+    /// An internal (un)subscribe for `channels`: its confirmations are
+    /// expected one per channel, and swallowed.
+    pub fn internal_with(&mut self, cmd: Command, channels: Vec<Box<[u8]>>) {
         self.pending.push_back(Pending::Owed(Owed {
             cmd,
-            channels: Vec::new(),
+            channels,
             internal: true,
             filtered: false,
         }));
         self.enqueued += 1;
+    }
+
+    /// Nothing owed and no transaction open: the connection to Redis could be
+    /// replaced without any reply going astray.
+    pub fn quiescent(&self) -> bool {
+        self.pending.is_empty() && self.active.is_none() && self.multi.is_none() && !self.monitor
     }
 
     /// pubwarden answers a request itself; the answer waits for its turn.

@@ -51,6 +51,12 @@ pub struct Upstream {
     /// see these credentials.
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// When a subscriber's Redis connection dies, reconnect and subscribe it
+    /// again without the client seeing it (off: close the client, as Redis
+    /// would). A policy user's `resubscribe` overrides this.
+    pub resubscribe: bool,
+    /// How long to keep trying before giving up and closing the client.
+    pub resubscribe_for: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +124,8 @@ impl Default for Settings {
                 health_check_interval: Duration::from_secs(1),
                 username: None,
                 password: None,
+                resubscribe: false,
+                resubscribe_for: Duration::from_secs(60),
             },
             admin: Admin {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
@@ -258,8 +266,22 @@ impl Settings {
                 "health_check_interval",
                 "username",
                 "password",
+                "resubscribe",
+                "resubscribe_for",
             ],
         );
+        if let Some(v) = r.field(&up, "resubscribe", |t| match t.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            other => Err(format!("`{other}` is not true or false")),
+        }) {
+            s.upstream.resubscribe = v;
+        }
+        if let Some(v) = r.field(&up, "resubscribe_for", |t| {
+            yaml::duration(t).and_then(positive)
+        }) {
+            s.upstream.resubscribe_for = v;
+        }
         if let Some(v) = r.field(&up, "address", host_port) {
             s.upstream.address = v;
         }
@@ -507,6 +529,8 @@ impl fmt::Display for Settings {
         if let Some(p) = &self.upstream.password {
             writeln!(f, "  password: {p}")?;
         }
+        writeln!(f, "  resubscribe: {}", self.upstream.resubscribe)?;
+        writeln!(f, "  resubscribe_for: {}", d(self.upstream.resubscribe_for))?;
         writeln!(f, "admin:")?;
         writeln!(f, "  listen: {}", self.admin.listen)?;
         writeln!(f, "limits:")?;

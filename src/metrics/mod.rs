@@ -253,6 +253,8 @@ pub struct Metrics {
     pending_output: AtomicHistogram,
     output_buffered: Gauge,
     slow_consumers: Counter,
+    resubscribes: Counter,
+    resubscribe_gap: Counter<f64>,
     sub_changes: [[Counter; 2]; 3],
 
     client_open: Gauge,
@@ -406,6 +408,16 @@ impl Metrics {
         let slow_consumers = r.counter(
             "pubwarden_slow_consumer_disconnects",
             "Clients disconnected for not reading their deliveries fast enough",
+        );
+        let resubscribes = r.counter(
+            "pubwarden_resubscribes",
+            "Subscribers reconnected to Redis and subscribed again after their connection died",
+        );
+        let resubscribe_gap = Counter::<f64>::default();
+        r.0.register(
+            "pubwarden_resubscribe_gap_seconds",
+            "Seconds subscribers spent without a Redis connection before being subscribed again (messages published then were missed)",
+            resubscribe_gap.clone(),
         );
 
         // Commands.
@@ -582,6 +594,8 @@ impl Metrics {
             pending_output,
             output_buffered,
             slow_consumers,
+            resubscribes,
+            resubscribe_gap,
             sub_changes,
             client_open,
             client_accepted,
@@ -718,6 +732,12 @@ impl Metrics {
     }
 
     // Subscribers.
+
+    /// A subscriber was subscribed again on a new connection after `gap`.
+    pub fn resubscribed(&self, gap: Duration) {
+        self.resubscribes.inc();
+        self.resubscribe_gap.inc_by(gap.as_secs_f64());
+    }
 
     /// A client was closed for reading its deliveries too slowly.
     pub fn slow_consumer_disconnect(&self) {

@@ -388,6 +388,11 @@ impl Gate {
         }
     }
 
+    /// The user's `resubscribe` choice, if it makes one.
+    pub fn resubscribe(&self) -> Option<bool> {
+        self.current_user().and_then(|u| u.resubscribe)
+    }
+
     /// Pattern deliveries on denied channels are hidden from this user.
     pub fn hides_delivery(&self, channel: &[u8]) -> bool {
         self.current_user().is_some_and(|u| u.hides(channel))

@@ -260,6 +260,8 @@ pub struct User {
     pub rate_rules: Vec<usize>,
     /// Subscribe churn budget (one key: this user).
     pub churn: Option<Mutex<Limiter<()>>>,
+    /// Overrides `upstream.resubscribe` for this user's connections.
+    pub resubscribe: Option<bool>,
 }
 
 impl User {
@@ -651,6 +653,7 @@ mod tests {
             subscribe_ops_per_second: None,
             rate_rules: vec![],
             churn: None,
+            resubscribe: None,
         };
         assert!(u.verify(b"old") && u.verify(b"new") && !u.verify(b"other"));
         assert_eq!(

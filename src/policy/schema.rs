@@ -194,6 +194,7 @@ fn user(
             "channels",
             "commands",
             "subscribe_ops_per_second",
+            "resubscribe",
         ],
     );
     m.as_ref()?;
@@ -285,6 +286,7 @@ fn user(
         subscribe_ops_per_second: churn_rate.map(|n| n as u32),
         rate_rules: Vec::new(),
         churn,
+        resubscribe: r.field(&m, "resubscribe", boolean),
     })
 }
 

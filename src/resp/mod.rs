@@ -44,6 +44,18 @@ pub fn parse_i64(digits: &[u8]) -> Option<i64> {
     Some(v)
 }
 
+/// A command as a multibulk array, for the few pubwarden sends itself.
+pub fn encode_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 /// Finds the first `byte` in `hay` at or after `from`.
 #[inline]
 pub(crate) fn find_byte(hay: &[u8], from: usize, byte: u8) -> Option<usize> {
