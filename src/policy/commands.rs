@@ -45,6 +45,8 @@ pub struct CommandInfo {
     pub arity: i32,
     /// May run before AUTH (`no_auth` flag: AUTH, HELLO, QUIT, RESET).
     pub no_auth: bool,
+    /// A container (`client`, `config`...): its second argument names a subcommand.
+    pub has_subcommands: bool,
 }
 
 /// Where the table came from.
@@ -85,11 +87,12 @@ impl CommandTable {
                     categories,
                     arity: arity.parse().unwrap_or(-1),
                     no_auth: flags.split(',').any(|f| f == "no_auth"),
+                    has_subcommands: false,
                 },
             );
         }
         Self {
-            commands,
+            commands: mark_containers(commands),
             source: Source::BuiltIn,
         }
     }
@@ -97,7 +100,7 @@ impl CommandTable {
     /// A table built from entries learned from Redis.
     pub fn from_entries(entries: impl IntoIterator<Item = (String, CommandInfo)>) -> Self {
         Self {
-            commands: entries.into_iter().collect(),
+            commands: mark_containers(entries.into_iter().collect()),
             source: Source::Upstream,
         }
     }
@@ -118,35 +121,56 @@ impl CommandTable {
         self.commands.contains_key(name)
     }
 
-    /// Resolves a request to its table name (`get`, `client|kill`) and info.
-    /// Names are matched case-insensitively; a container command with an
-    /// unknown subcommand resolves to the container.
-    pub fn resolve(&self, name: &[u8], sub: Option<&[u8]>) -> Option<(String, &CommandInfo)> {
-        let mut buf = [0u8; MAX_NAME];
-        let lower = lowercase(name, &mut buf)?;
-        if let Some(sub) = sub {
-            let mut sbuf = [0u8; MAX_NAME];
-            if let Some(sub) = lowercase(sub, &mut sbuf) {
-                let full = format!("{lower}|{sub}");
-                if let Some(info) = self.commands.get(&full) {
-                    return Some((full, info));
-                }
+    /// Resolves a request to its table name (`get`, `client|kill`) and info,
+    /// without allocating: names are matched case-insensitively, and a
+    /// container command with an unknown subcommand resolves to the container.
+    pub fn resolve(&self, name: &[u8], sub: Option<&[u8]>) -> Option<(&str, &CommandInfo)> {
+        let mut buf = [0u8; 2 * MAX_NAME + 1];
+        let n = name.len();
+        if n > MAX_NAME {
+            return None;
+        }
+        for (o, b) in buf.iter_mut().zip(name) {
+            *o = b.to_ascii_lowercase();
+        }
+        let (key, info) = self
+            .commands
+            .get_key_value(std::str::from_utf8(&buf[..n]).ok()?)?;
+        if info.has_subcommands
+            && let Some(sub) = sub.filter(|s| s.len() <= MAX_NAME)
+        {
+            buf[n] = b'|';
+            for (o, b) in buf[n + 1..].iter_mut().zip(sub) {
+                *o = b.to_ascii_lowercase();
+            }
+            if let Ok(full) = std::str::from_utf8(&buf[..n + 1 + sub.len()])
+                && let Some((k, i)) = self.commands.get_key_value(full)
+            {
+                return Some((k.as_str(), i));
             }
         }
-        self.commands
-            .get(lower)
-            .map(|info| (lower.to_string(), info))
+        Some((key.as_str(), info))
     }
 
     /// True when `name` has subcommands in the table (`client`, `config`...).
     pub fn is_container(&self, name: &[u8]) -> bool {
-        let mut buf = [0u8; MAX_NAME];
-        let Some(lower) = lowercase(name, &mut buf) else {
-            return false;
-        };
-        let prefix = format!("{lower}|");
-        self.commands.keys().any(|k| k.starts_with(&prefix))
+        self.resolve(name, None)
+            .is_some_and(|(_, i)| i.has_subcommands)
     }
+}
+
+/// Marks every command that has `name|sub` entries as a container.
+fn mark_containers(mut commands: HashMap<String, CommandInfo>) -> HashMap<String, CommandInfo> {
+    let parents: Vec<String> = commands
+        .keys()
+        .filter_map(|k| k.split_once('|').map(|(p, _)| p.to_string()))
+        .collect();
+    for p in parents {
+        if let Some(info) = commands.get_mut(&p) {
+            info.has_subcommands = true;
+        }
+    }
+    commands
 }
 
 /// Builds a table from the reply to `COMMAND` (Redis 7: name, arity, flags,
@@ -179,6 +203,7 @@ pub fn from_command_reply(reply: &crate::resp::value::Value) -> Option<CommandTa
                 categories,
                 arity,
                 no_auth,
+                has_subcommands: false,
             },
         ));
         for sub in fields.get(9).and_then(Value::as_array).unwrap_or_default() {
@@ -191,15 +216,6 @@ pub fn from_command_reply(reply: &crate::resp::value::Value) -> Option<CommandTa
         add(entry, &mut entries);
     }
     (!entries.is_empty()).then(|| CommandTable::from_entries(entries))
-}
-
-/// ASCII-lowercases into `buf`; `None` if too long or not UTF-8.
-fn lowercase<'a>(name: &[u8], buf: &'a mut [u8; MAX_NAME]) -> Option<&'a str> {
-    let out = buf.get_mut(..name.len())?;
-    for (o, b) in out.iter_mut().zip(name) {
-        *o = b.to_ascii_lowercase();
-    }
-    std::str::from_utf8(out).ok()
 }
 
 #[cfg(test)]

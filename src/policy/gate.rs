@@ -429,12 +429,7 @@ impl Gate {
             return self.hello(args, now);
         }
         let table = self.runtime.commands.load();
-        let sub = if args.len() > 1 && table.is_container(name) {
-            args.get(1)
-        } else {
-            None
-        };
-        let resolved = table.resolve(name, sub);
+        let resolved = table.resolve(name, args.get(1));
         // Unknown commands and wrong arities: Redis answers those before any
         // auth or ACL check, and they cannot do anything, so let Redis say it.
         // (A built-in table may not know a module's commands: check those.)
@@ -449,9 +444,13 @@ impl Gate {
             }
             return Verdict::answer(replies::NOAUTH);
         }
-        let (full, categories) = match &resolved {
-            Some((full, info)) => (full.clone(), info.categories),
-            None => (String::from_utf8_lossy(name).to_ascii_lowercase(), 0),
+        let unknown;
+        let (full, categories): (&str, u32) = match &resolved {
+            Some((full, info)) => (full, info.categories),
+            None => {
+                unknown = String::from_utf8_lossy(name).to_ascii_lowercase();
+                (&unknown, 0)
+            }
         };
         let denial = self.permission(cmd, args, &full, categories);
         if let Some(denial) = denial {
@@ -490,7 +489,7 @@ impl Gate {
             return self.in_transaction(v);
         }
         // Listing channels must not reveal ones the user may not subscribe to.
-        if matches!(full.as_str(), "pubsub|channels" | "pubsub|shardchannels")
+        if matches!(full, "pubsub|channels" | "pubsub|shardchannels")
             && self
                 .current_user()
                 .is_some_and(|u| !u.subscribe.all || u.has_deny())
