@@ -60,10 +60,17 @@ pub struct ConnMetrics {
     buffered: i64,
     /// Publish counters of an authenticated user other than `default`.
     user_publishes: Option<Box<[[Counter; 4]]>>,
+    /// No channel groups and no channel labels: every channel counts under
+    /// group 0 (`other`), so deliveries skip the channel entirely.
+    one_group: bool,
+    /// This batch's deliveries and payload bytes by kind, in one-group mode.
+    batch_deliveries: [u64; 3],
+    batch_delivery_bytes: [u64; 3],
 }
 
 impl ConnMetrics {
     pub fn new(m: Arc<Metrics>) -> Self {
+        let one_group = m_one_group(&m);
         Self {
             m,
             cache: ChannelCache::default(),
@@ -76,6 +83,9 @@ impl ConnMetrics {
             unwritten_since: None,
             buffered: 0,
             user_publishes: None,
+            one_group,
+            batch_deliveries: [0; 3],
+            batch_delivery_bytes: [0; 3],
         }
     }
 
@@ -141,6 +151,15 @@ impl ConnMetrics {
             DeliveryKind::PMessage => (2, 3),
             DeliveryKind::Message | DeliveryKind::SMessage => (1, 2),
         };
+        if self.one_group {
+            // The common default: two adds, moved into the group once per batch.
+            let k = kind as usize;
+            self.batch_deliveries[k] += 1;
+            self.batch_delivery_bytes[k] +=
+                f.elem(payload_at).map_or(0, |e| e.end - e.start) as u64;
+            self.delivered = true;
+            return;
+        }
         let channel = f.str_elem(buf, channel_at).unwrap_or_default();
         let payload = f.elem(payload_at).map_or(0, |e| e.end - e.start) as u64;
         let slot = self
@@ -257,6 +276,17 @@ impl ConnMetrics {
     }
 
     fn flush(&mut self) {
+        if self.one_group && self.batch_deliveries != [0; 3] {
+            let (d, b) = (
+                std::mem::take(&mut self.batch_deliveries),
+                std::mem::take(&mut self.batch_delivery_bytes),
+            );
+            let l = self.local(0);
+            for k in 0..3 {
+                l.deliveries[k] += d[k];
+                l.delivery_bytes[k] += b[k];
+            }
+        }
         let mut dirty = std::mem::take(&mut self.dirty);
         while dirty != 0 {
             let g = dirty.trailing_zeros() as usize;
@@ -287,6 +317,10 @@ impl ConnMetrics {
         }
         self.cache.flush();
     }
+}
+
+fn m_one_group(m: &Metrics) -> bool {
+    m.groups().other() == 0 && m.channel_labels().is_none()
 }
 
 impl Drop for ConnMetrics {

@@ -375,12 +375,13 @@ pub fn fast_delivery(buf: &[u8], at: usize) -> Option<Frame> {
         ] => (*k, 3, 3, 8),
         _ => return None,
     };
-    let word: &[u8] = match delivery {
-        1 => b"message\r\n",
-        2 => b"pmessage\r\n",
-        _ => b"smessage\r\n",
+    // Fixed-size compares: inlined, where a slice compare calls memcmp.
+    let word_ok = match delivery {
+        1 => b.get(8..17).and_then(|w| <[u8; 9]>::try_from(w).ok()) == Some(*b"message\r\n"),
+        2 => b.get(8..18).and_then(|w| <[u8; 10]>::try_from(w).ok()) == Some(*b"pmessage\r\n"),
+        _ => b.get(8..18).and_then(|w| <[u8; 10]>::try_from(w).ok()) == Some(*b"smessage\r\n"),
     };
-    if b.get(8..8 + first_len + 2)? != word {
+    if !word_ok {
         return None;
     }
     let mut frame = Frame {
