@@ -452,7 +452,7 @@ impl Gate {
                 (&unknown, 0)
             }
         };
-        let denial = self.permission(cmd, args, &full, categories);
+        let denial = self.permission(cmd, args, full, categories);
         if let Some(denial) = denial {
             let user = self.current_user().map_or("", |u| u.name.as_str());
             let channel = match (&denial, cmd.kind) {
@@ -466,9 +466,9 @@ impl Gate {
                 .is_some_and(|u| self.snapshot.mode_for(u) == Mode::Audit);
             if let (Some(m), Some(label)) = (&self.metrics, &self.label) {
                 if audit {
-                    m.audit_would_deny(label, &full, channel);
+                    m.audit_would_deny(label, full, channel);
                 } else {
-                    m.acl_denial(label, &full, channel);
+                    m.acl_denial(label, full, channel);
                 }
             }
             if audit {
