@@ -1085,11 +1085,7 @@ impl Conn {
                     && let Some(t) = &mut self.tracer
                     && let Some(stripped) = t.delivery(kind, &frame, &self.from_upstream)
                 {
-                    self.send_to_client(run, frame.start)?;
-                    self.to_client
-                        .send(&self.client, &stripped)
-                        .map_err(|_| Closed::ClientIo)?;
-                    self.counts.bytes_to_client += stripped.len() as u64;
+                    self.substitute(run, frame.start, &stripped)?;
                     run = frame.end;
                 }
                 at = frame.end;
@@ -1126,11 +1122,7 @@ impl Conn {
                     })
                 });
                 if let Some(kept) = kept {
-                    self.send_to_client(run, frame.start)?;
-                    self.to_client
-                        .send(&self.client, &kept)
-                        .map_err(|_| Closed::ClientIo)?;
-                    self.counts.bytes_to_client += kept.len() as u64;
+                    self.substitute(run, frame.start, &kept)?;
                     run = frame.end;
                 }
             }
@@ -1154,11 +1146,7 @@ impl Conn {
                 && let Some(t) = &mut self.tracer
                 && let Some(stripped) = t.delivery(kind, &frame, &self.from_upstream)
             {
-                self.send_to_client(run, frame.start)?;
-                self.to_client
-                    .send(&self.client, &stripped)
-                    .map_err(|_| Closed::ClientIo)?;
-                self.counts.bytes_to_client += stripped.len() as u64;
+                self.substitute(run, frame.start, &stripped)?;
                 run = frame.end;
             }
             at = frame.end;
@@ -1196,6 +1184,17 @@ impl Conn {
             self.from_upstream = BytesMut::new();
         }
         result
+    }
+
+    /// Sends what precedes `start` unchanged, then `bytes` in place of the
+    /// frame that starts there (a filtered list, an unwrapped delivery).
+    fn substitute(&mut self, run: usize, start: usize, bytes: &[u8]) -> Result<(), Closed> {
+        self.send_to_client(run, start)?;
+        self.to_client
+            .send(&self.client, bytes)
+            .map_err(|_| Closed::ClientIo)?;
+        self.counts.bytes_to_client += bytes.len() as u64;
+        Ok(())
     }
 
     fn send_to_client(&mut self, from: usize, to: usize) -> Result<(), Closed> {
