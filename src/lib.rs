@@ -17,15 +17,27 @@
 //!   `CLIENT REPLY` flags, and the pending-reply queue that keeps answers in
 //!   request order, including answers pubwarden makes itself.
 //! - [`reply`]: every reply pubwarden writes itself.
-//! - [`proxy`]: accept loop and the per-connection relay task.
-//! - [`upstream`]: connecting to Redis, and the health check behind /readyz.
-//! - [`admin`]: HTTP /healthz, /readyz and /metrics.
+//! - [`policy`]: users, channel ACL, command rules and rate limits as data:
+//!   [`policy::schema`] reads and validates the file, [`policy::gate`] decides
+//!   per request (forward, rewrite, answer, hold), [`policy::reload`] swaps a
+//!   new policy in atomically, [`policy::commands`] is the command table.
+//! - [`glob`]: Redis's glob matching, for channel rules and groups.
+//! - [`proxy`]: accept loop and the per-connection relay task (limits,
+//!   slow consumers, re-subscription after a Redis restart).
+//! - [`upstream`]: connecting to Redis (retries, circuit breaker, pubwarden's
+//!   own AUTH), the health check behind /readyz, the `COMMAND` table.
+//! - [`admin`]: HTTP /healthz, /readyz, /metrics and POST /reload.
 //! - [`metrics`]: Prometheus families; per-connection handles and counts that
 //!   the relay flushes once per read batch (see `docs/metrics.md`).
+//! - [`telemetry`]: OpenTelemetry spans for publishes and deliveries, the
+//!   publish index that links them, and the cross-instance envelope
+//!   (see `docs/tracing.md`).
 //!
 //! ## Data flow
 //! ```text
-//! client --bytes--> RequestParser --frame--> Command::classify --> Session::forwarded
+//! client --bytes--> RequestParser --frame--> Command::classify --> Gate::check
+//!                                                  |      (forward / answer here / hold)
+//!                                                  |                 Session::forwarded
 //!                                                  |                 (reply owed, in order)
 //!                        original bytes, unchanged v
 //!                                             upstream Redis
