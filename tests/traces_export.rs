@@ -66,6 +66,18 @@ fn publish_and_delivery_spans_over_grpc_link_up() {
         rx.spans()
     );
     let spans = rx.spans();
+    // Both deliveries were linked to the publish this pubwarden saw: their
+    // publish-to-delivery latency is recorded.
+    let metrics = support::prom::scrape(pw.admin_addr());
+    assert_eq!(
+        support::prom::sample(
+            &metrics,
+            "pubwarden_publish_delivery_latency_seconds_count",
+            ""
+        ),
+        Some(2.0),
+        "{metrics}"
+    );
     let publish = by_name(&spans, "publish")[0];
     assert_eq!(publish.kind, PRODUCER);
     assert_eq!(publish.service, "edge-a");

@@ -283,6 +283,7 @@ pub struct Metrics {
     /// Spans not exported: queue full, export failed (src/telemetry).
     trace_span_drops: [Counter; 2],
     envelope_latency: AtomicHistogram,
+    publish_delivery_latency: AtomicHistogram,
 }
 
 fn latency() -> AtomicHistogram {
@@ -523,6 +524,11 @@ impl Metrics {
             "Time from the publishing pubwarden reading a publish to this one reading its delivery, for trace envelopes",
             histogram::LATENCY,
         );
+        let publish_delivery_latency = r.histogram(
+            "pubwarden_publish_delivery_latency_seconds",
+            "Time from this pubwarden reading a sampled PUBLISH to reading one of its deliveries (tracing on)",
+            histogram::LATENCY,
+        );
 
         let group: Box<[GroupHandles]> = groups
             .names()
@@ -625,6 +631,7 @@ impl Metrics {
             config_last_success,
             trace_span_drops,
             envelope_latency,
+            publish_delivery_latency,
         }
     }
 
@@ -632,6 +639,11 @@ impl Metrics {
     pub fn trace_span_drops(&self) -> (Counter, Counter) {
         let [full, failed] = &self.trace_span_drops;
         (full.clone(), failed.clone())
+    }
+
+    /// `pubwarden_publish_delivery_latency_seconds`, observed in nanoseconds.
+    pub fn publish_delivery_latency(&self) -> AtomicHistogram {
+        self.publish_delivery_latency.clone()
     }
 
     /// `pubwarden_envelope_latency_seconds`, observed in nanoseconds.

@@ -134,10 +134,11 @@ impl PublishIndex {
         self.len.store(g.map.len(), Ordering::Relaxed);
     }
 
-    pub fn get(&self, channel: &[u8], payload: &[u8]) -> Option<SpanContext> {
+    /// The publish's span context and when the publish was read.
+    pub fn get(&self, channel: &[u8], payload: &[u8]) -> Option<(SpanContext, Instant)> {
         let k = key(channel, payload);
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        g.map.get(&k).map(|(cx, _)| cx.clone())
+        g.map.get(&k).map(|(cx, at)| (cx.clone(), *at))
     }
 
     /// Drops entries older than [`TTL`]; run periodically.
@@ -193,7 +194,7 @@ mod tests {
         idx.insert(b"ch", b"hello", cx(1), t0);
         assert!(idx.may_hold(b"ch", b"hello"));
         assert!(!idx.may_hold(b"ch", b"hellO"));
-        assert_eq!(idx.get(b"ch", b"hello"), Some(cx(1)));
+        assert_eq!(idx.get(b"ch", b"hello").map(|(c, _)| c), Some(cx(1)));
         assert_eq!(idx.get(b"ch2", b"hello"), None);
         idx.expire(t0 + TTL / 2);
         assert!(!idx.is_empty());

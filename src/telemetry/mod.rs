@@ -53,6 +53,7 @@ pub struct Tracing {
     server_address: String,
     server_port: i64,
     envelope_latency: AtomicHistogram,
+    publish_delivery_latency: AtomicHistogram,
     expirer: tokio::task::JoinHandle<()>,
 }
 
@@ -121,6 +122,7 @@ impl Tracing {
             server_address: host.trim_matches(['[', ']']).to_string(),
             server_port: port.parse().unwrap_or(6379),
             envelope_latency: metrics.envelope_latency(),
+            publish_delivery_latency: metrics.publish_delivery_latency(),
             expirer,
         })))
     }
@@ -493,8 +495,15 @@ impl ConnTracer {
                 parent = None;
             }
         }
-        if parent.is_none() && self.t.index.may_hold(channel, payload) {
-            parent = self.t.index.get(channel, payload);
+        if parent.is_none()
+            && self.t.index.may_hold(channel, payload)
+            && let Some((cx, published)) = self.t.index.get(channel, payload)
+        {
+            // Publish-to-delivery latency where this pubwarden saw both.
+            self.t
+                .publish_delivery_latency
+                .observe(published.elapsed().as_nanos() as u64);
+            parent = Some(cx);
         }
         let sampled = match &parent {
             Some(p) => p.is_sampled(),
