@@ -1216,13 +1216,8 @@ fn filter_channel_list(frame: &[u8], keep: impl Fn(&[u8]) -> bool) -> Option<Vec
         .filter_map(crate::resp::value::Value::as_bytes)
         .filter(|ch| keep(ch))
         .collect();
-    let mut out = format!("*{}\r\n", kept.len()).into_bytes();
-    for ch in kept {
-        out.extend_from_slice(format!("${}\r\n", ch.len()).as_bytes());
-        out.extend_from_slice(ch);
-        out.extend_from_slice(b"\r\n");
-    }
-    Some(out)
+    // An array of bulk strings, as Redis answers PUBSUB CHANNELS.
+    Some(crate::resp::encode_command(&kept))
 }
 
 /// Resolves at the next policy reload (never without a policy). Takes its

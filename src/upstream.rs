@@ -35,13 +35,7 @@ pub fn auth_command(settings: &Upstream) -> Option<Bytes> {
         args.push(u.as_bytes());
     }
     args.push(password.expose());
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    Some(Bytes::from(out))
+    Some(Bytes::from(crate::resp::encode_command(&args)))
 }
 
 /// Sends AUTH and reads its one-line answer before any client byte flows.

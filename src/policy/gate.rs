@@ -718,7 +718,7 @@ impl Gate {
             .filter(|(i, _)| *i != u - 1 && *i != u && *i != p)
             .map(|(_, a)| a)
             .collect();
-        Verdict::ForwardAs(encode(&kept))
+        Verdict::ForwardAs(Bytes::from(crate::resp::encode_command(&kept)))
     }
 
     fn login(&mut self, name: &[u8], password: &[u8], now: Instant) -> Login {
@@ -780,17 +780,6 @@ fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
         .collect()
-}
-
-fn encode(args: &[&[u8]]) -> Bytes {
-    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    Bytes::from(out)
 }
 
 #[cfg(test)]
