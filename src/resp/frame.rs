@@ -330,49 +330,15 @@ impl FrameScanner {
 #[inline]
 pub fn fast_delivery(buf: &[u8], at: usize) -> Option<Frame> {
     let b = buf.get(at..)?;
-    let (kind, count, delivery, first_len): (u8, i64, u8, usize) = match b.get(..12)? {
-        [
-            k @ (b'*' | b'>'),
-            b'3',
-            b'\r',
-            b'\n',
-            b'$',
-            b'7',
-            b'\r',
-            b'\n',
-            b'm',
-            b'e',
-            b's',
-            b's',
-        ] => (*k, 3, 1, 7),
-        [
-            k @ (b'*' | b'>'),
-            b'4',
-            b'\r',
-            b'\n',
-            b'$',
-            b'8',
-            b'\r',
-            b'\n',
-            b'p',
-            b'm',
-            b'e',
-            b's',
-        ] => (*k, 4, 2, 8),
-        [
-            k @ (b'*' | b'>'),
-            b'3',
-            b'\r',
-            b'\n',
-            b'$',
-            b'8',
-            b'\r',
-            b'\n',
-            b's',
-            b'm',
-            b'e',
-            b's',
-        ] => (*k, 3, 3, 8),
+    let kind = *b.first()?;
+    if kind != b'*' && kind != b'>' {
+        return None;
+    }
+    let head: [u8; 11] = b.get(1..12)?.try_into().ok()?;
+    let (count, delivery, first_len): (i64, u8, usize) = match &head {
+        b"3\r\n$7\r\nmess" => (3, 1, 7),
+        b"4\r\n$8\r\npmes" => (4, 2, 8),
+        b"3\r\n$8\r\nsmes" => (3, 3, 8),
         _ => return None,
     };
     // Fixed-size compares: inlined, where a slice compare calls memcmp.
