@@ -610,13 +610,29 @@ impl Conn {
     /// Opted in, subscribed, and nothing in flight that a new connection
     /// could answer wrongly.
     fn may_resubscribe(&self) -> bool {
+        let subs = self.session.subscriptions();
+        let by_channel = !self.upstream_settings.resubscribe_channels.is_empty()
+            && [
+                crate::command::SubKind::Channel,
+                crate::command::SubKind::Pattern,
+                crate::command::SubKind::Shard,
+            ]
+            .iter()
+            .flat_map(|k| subs.iter(*k))
+            .all(|name| {
+                self.upstream_settings
+                    .resubscribe_channels
+                    .iter()
+                    .any(|g| crate::glob::matches(g.as_bytes(), name))
+            });
         let enabled = self
             .gate
             .as_ref()
             .and_then(Gate::resubscribe)
-            .unwrap_or(self.upstream_settings.resubscribe);
+            .unwrap_or(self.upstream_settings.resubscribe)
+            || by_channel;
         enabled
-            && self.session.subscriptions().total() > 0
+            && subs.total() > 0
             && self.session.quiescent()
             && self.to_upstream.is_empty()
             && !self.client_done

@@ -88,3 +88,28 @@ fn by_default_the_client_sees_its_connection_close() {
     let (_, closed) = sub.read_until_eof(secs(5));
     assert!(closed, "the subscriber's connection was not closed");
 }
+
+#[test]
+fn resubscribe_can_be_chosen_per_channel_pattern() {
+    let (mut redis, proxy) = start("upstream:\n  resubscribe_channels: [\"keep.*\"]\n");
+    let mut kept = proxy.connect();
+    kept.send(&encode(&["SUBSCRIBE", "keep.a"]));
+    kept.read_frames(1, secs(5)).expect_all("subscribe keep.a");
+    let mut mixed = proxy.connect();
+    mixed.send(&encode(&["SUBSCRIBE", "keep.b", "other.b"]));
+    mixed.read_frames(2, secs(5)).expect_all("subscribe mixed");
+
+    redis.restart();
+
+    publish_until_heard(&proxy, "keep.a", "still here");
+    assert_eq!(
+        text(&kept.read_one(secs(5))),
+        text(&message("keep.a", "still here"))
+    );
+    // Not every subscription opted in: closed, as without pubwarden.
+    let (_, closed) = mixed.read_until_eof(secs(5));
+    assert!(
+        closed,
+        "a connection with a channel outside the list was kept"
+    );
+}

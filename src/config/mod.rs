@@ -57,6 +57,9 @@ pub struct Upstream {
     pub resubscribe: bool,
     /// How long to keep trying before giving up and closing the client.
     pub resubscribe_for: Duration,
+    /// Re-subscribe connections whose every subscription matches one of these
+    /// Redis globs, even when `resubscribe` is off.
+    pub resubscribe_channels: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -126,6 +129,7 @@ impl Default for Settings {
                 password: None,
                 resubscribe: false,
                 resubscribe_for: Duration::from_secs(60),
+                resubscribe_channels: Vec::new(),
             },
             admin: Admin {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
@@ -268,8 +272,26 @@ impl Settings {
                 "password",
                 "resubscribe",
                 "resubscribe_for",
+                "resubscribe_channels",
             ],
         );
+        if let Some((node, path)) = up.as_ref().and_then(|m| m.get("resubscribe_channels")) {
+            match &node.value {
+                yaml::Value::Seq(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        if let Some(t) = r.scalar(item, &format!("{path}[{i}]")) {
+                            s.upstream.resubscribe_channels.push(t.to_string());
+                        }
+                    }
+                }
+                yaml::Value::Null => {}
+                _ => r.error(
+                    &path,
+                    node.pos,
+                    "expected a list of channel globs, e.g. [\"orders.*\"]",
+                ),
+            }
+        }
         if let Some(v) = r.field(&up, "resubscribe", |t| match t.trim() {
             "true" => Ok(true),
             "false" => Ok(false),
@@ -531,6 +553,13 @@ impl fmt::Display for Settings {
         }
         writeln!(f, "  resubscribe: {}", self.upstream.resubscribe)?;
         writeln!(f, "  resubscribe_for: {}", d(self.upstream.resubscribe_for))?;
+        let globs: Vec<String> = self
+            .upstream
+            .resubscribe_channels
+            .iter()
+            .map(|g| format!("{g:?}"))
+            .collect();
+        writeln!(f, "  resubscribe_channels: [{}]", globs.join(", "))?;
         writeln!(f, "admin:")?;
         writeln!(f, "  listen: {}", self.admin.listen)?;
         writeln!(f, "limits:")?;
