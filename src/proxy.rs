@@ -847,15 +847,17 @@ impl Conn {
         let mut at = 0;
         let mut run = 0;
         let mut stop = false;
+        // Bytes bound upstream, built only when a request is cut out or
+        // rewritten; otherwise the whole read goes out straight from the
+        // buffer. Either way one write per read.
+        let mut staged: Vec<u8> = Vec::new();
         while !stop {
             let frame = match self.parser.next(&self.from_client, at) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
                     // Redis answers what came before, then this error, then closes.
-                    self.to_upstream
-                        .send(&self.upstream, &self.from_client[run..at])
-                        .map_err(|_| Closed::UpstreamIo)?;
+                    staged.extend_from_slice(&self.from_client[run..at]);
                     let cmd = Command {
                         kind: Kind::Other,
                         name: "other",
@@ -870,9 +872,7 @@ impl Conn {
             };
             if frame.argc == 0 {
                 // Empty requests are skipped by Redis without an answer.
-                self.to_upstream
-                    .send(&self.upstream, &self.from_client[run..frame.start])
-                    .map_err(|_| Closed::UpstreamIo)?;
+                staged.extend_from_slice(&self.from_client[run..frame.start]);
                 run = frame.end;
                 at = frame.end;
                 continue;
@@ -905,14 +905,10 @@ impl Conn {
                     break;
                 }
                 Verdict::Answer { reply, upstream } => {
-                    self.to_upstream
-                        .send(&self.upstream, &self.from_client[run..frame.start])
-                        .map_err(|_| Closed::UpstreamIo)?;
+                    staged.extend_from_slice(&self.from_client[run..frame.start]);
                     if let Some(internal) = upstream {
                         self.session.internal(cmd);
-                        self.to_upstream
-                            .send(&self.upstream, internal)
-                            .map_err(|_| Closed::UpstreamIo)?;
+                        staged.extend_from_slice(internal);
                     }
                     if matches!(cmd.kind, Kind::Publish | Kind::SPublish) {
                         refused = Some(if reply.starts_with(b"-RATELIMIT") {
@@ -933,13 +929,7 @@ impl Conn {
                     instead = Some(bytes);
                 }
                 Verdict::ForwardFiltered => self.session.forwarded_filtered(cmd, &args),
-                Verdict::Forward => {
-                    self.session.forwarded(cmd, &args);
-                    if frame.inline {
-                        // Sent as the multibulk it means, so Redis sees the same words.
-                        instead = Some(Bytes::copy_from_slice(self.parser.inline_encoding()));
-                    }
-                }
+                Verdict::Forward => self.session.forwarded(cmd, &args),
             }
             if let Some(m) = &mut self.metrics {
                 if let Some(gate) = &self.gate
@@ -975,20 +965,21 @@ impl Conn {
             }
             self.counts.commands += 1;
             if let Some(bytes) = instead {
-                self.to_upstream
-                    .send(&self.upstream, &self.from_client[run..frame.start])
-                    .and_then(|_| self.to_upstream.send(&self.upstream, &bytes))
-                    .map_err(|_| Closed::UpstreamIo)?;
+                staged.extend_from_slice(&self.from_client[run..frame.start]);
+                staged.extend_from_slice(&bytes);
+                run = frame.end;
+            } else if frame.inline && !answered_here {
+                // Sent as the multibulk it means, so Redis sees the same words.
+                staged.extend_from_slice(&self.from_client[run..frame.start]);
+                staged.extend_from_slice(self.parser.inline_encoding());
                 run = frame.end;
             }
             if cmd.kind == Kind::Reset
                 && let Some(auth) = &self.upstream_auth
             {
                 // RESET signed Redis's side out of pubwarden's own user.
-                self.to_upstream
-                    .send(&self.upstream, &self.from_client[run..frame.end])
-                    .and_then(|_| self.to_upstream.send(&self.upstream, auth))
-                    .map_err(|_| Closed::UpstreamIo)?;
+                staged.extend_from_slice(&self.from_client[run..frame.end]);
+                staged.extend_from_slice(auth);
                 self.session.internal(Command {
                     kind: Kind::Other,
                     name: "auth",
@@ -1005,9 +996,14 @@ impl Conn {
                 stop = true;
             }
         }
-        self.to_upstream
-            .send(&self.upstream, &self.from_client[run..at])
-            .map_err(|_| Closed::UpstreamIo)?;
+        let rest = &self.from_client[run..at];
+        let sent = if staged.is_empty() {
+            self.to_upstream.send(&self.upstream, rest)
+        } else {
+            staged.extend_from_slice(rest);
+            self.to_upstream.send(&self.upstream, &staged)
+        };
+        sent.map_err(|_| Closed::UpstreamIo)?;
         self.consume_client(at);
         self.send_due_answers()
     }
