@@ -276,21 +276,8 @@ impl Settings {
             ],
         );
         if let Some((node, path)) = up.as_ref().and_then(|m| m.get("resubscribe_channels")) {
-            match &node.value {
-                yaml::Value::Seq(items) => {
-                    for (i, item) in items.iter().enumerate() {
-                        if let Some(t) = r.scalar(item, &format!("{path}[{i}]")) {
-                            s.upstream.resubscribe_channels.push(t.to_string());
-                        }
-                    }
-                }
-                yaml::Value::Null => {}
-                _ => r.error(
-                    &path,
-                    node.pos,
-                    "expected a list of channel globs, e.g. [\"orders.*\"]",
-                ),
-            }
+            s.upstream.resubscribe_channels =
+                r.strings(node, &path, "channel globs, e.g. [\"orders.*\"]");
         }
         if let Some(v) = r.field(&up, "resubscribe", |t| match t.trim() {
             "true" => Ok(true),

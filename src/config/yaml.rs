@@ -277,6 +277,34 @@ impl Reader {
         }
     }
 
+    /// The items of a list with their key paths (`key[i]`); null is an empty
+    /// list, anything else is reported as not `a list of {what}`.
+    pub fn items<'a>(&mut self, node: &'a Node, path: &str, what: &str) -> Vec<(&'a Node, String)> {
+        match &node.value {
+            Value::Seq(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| (item, format!("{path}[{i}]")))
+                .collect(),
+            Value::Null => Vec::new(),
+            _ => {
+                self.error(path, node.pos, format!("expected a list of {what}"));
+                Vec::new()
+            }
+        }
+    }
+
+    /// A list of strings (null: none); items that are not strings are reported.
+    pub fn strings(&mut self, node: &Node, path: &str, what: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for (item, item_path) in self.items(node, path, what) {
+            if let Some(s) = self.scalar(item, &item_path) {
+                out.push(s.to_string());
+            }
+        }
+        out
+    }
+
     /// Converts the scalar at `key` with `parse`, which explains failures.
     pub fn field<T>(
         &mut self,

@@ -101,18 +101,7 @@ pub fn read(r: &mut Reader, root: &Option<MapView<'_>>, out: &mut MetricsSetting
 }
 
 fn read_groups(r: &mut Reader, node: &Node, path: &str) -> Vec<ChannelGroup> {
-    let items = match &node.value {
-        Value::Null => return Vec::new(),
-        Value::Seq(items) => items,
-        _ => {
-            r.error(
-                path,
-                node.pos,
-                "expected a list of {name, patterns} entries",
-            );
-            return Vec::new();
-        }
-    };
+    let items = r.items(node, path, "{name, patterns} entries");
     if items.len() > MAX_GROUPS {
         r.error(
             path,
@@ -121,8 +110,7 @@ fn read_groups(r: &mut Reader, node: &Node, path: &str) -> Vec<ChannelGroup> {
         );
     }
     let mut groups: Vec<ChannelGroup> = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let item_path = format!("{path}[{i}]");
+    for (item, item_path) in items {
         let map = r.map(item, &item_path, &["name", "patterns"]);
         let name_path = join(&item_path, "name");
         let name = match map.as_ref().and_then(|m| m.get("name")) {

@@ -141,26 +141,16 @@ fn boolean(t: &str) -> Result<bool, String> {
 
 /// The items of a list (null: none).
 fn seq<'a>(r: &mut Reader, node: &'a Node, path: &str) -> Vec<&'a Node> {
-    match &node.value {
-        Value::Seq(items) => items.iter().collect(),
-        Value::Null => Vec::new(),
-        _ => {
-            r.error(path, node.pos, "expected a list, e.g. [\"orders.*\"]");
-            Vec::new()
-        }
-    }
+    r.items(node, path, "values, e.g. [\"orders.*\"]")
+        .into_iter()
+        .map(|(item, _)| item)
+        .collect()
 }
 
 /// A list of strings at `key`.
 fn strings(r: &mut Reader, map: &Option<MapView<'_>>, key: &str) -> Option<Vec<String>> {
     let (node, path) = map.as_ref()?.get(key)?;
-    let mut out = Vec::new();
-    for (i, item) in seq(r, node, &path).into_iter().enumerate() {
-        if let Some(s) = r.scalar(item, &format!("{path}[{i}]")) {
-            out.push(s.to_string());
-        }
-    }
-    Some(out)
+    Some(r.strings(node, &path, "values, e.g. [\"orders.*\"]"))
 }
 
 fn channels(r: &mut Reader, map: &Option<MapView<'_>>, key: &str) -> Channels {

@@ -251,17 +251,8 @@ fn read_pairs(r: &mut Reader, node: &Node, path: &str) -> Vec<(String, String)> 
 }
 
 fn read_globs(r: &mut Reader, node: &Node, path: &str) -> Vec<String> {
-    let items = match &node.value {
-        Value::Null => return Vec::new(),
-        Value::Seq(items) => items,
-        _ => {
-            r.error(path, node.pos, "expected a list of Redis glob patterns");
-            return Vec::new();
-        }
-    };
     let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let p = format!("{path}[{i}]");
+    for (item, p) in r.items(node, path, "Redis glob patterns") {
         match r.scalar(item, &p) {
             Some("") => r.error(&p, item.pos, "is empty"),
             Some(t) => out.push(t.to_string()),
