@@ -676,6 +676,8 @@ impl Conn {
             }
         };
         keepalive(&stream, self.limits.tcp_keepalive);
+        // A previous attempt's commands died with its connection.
+        self.session.forget_internal();
         self.upstream = stream;
         self.from_upstream = BytesMut::new();
         self.scanner = FrameScanner::new(self.max_reply_depth);

@@ -309,10 +309,30 @@ impl Session {
         self.enqueued += 1;
     }
 
-    /// Nothing owed and no transaction open: the connection to Redis could be
-    /// replaced without any reply going astray.
+    /// Nothing owed to the client and no transaction open: the connection to
+    /// Redis could be replaced without any reply going astray. pubwarden's own
+    /// unanswered commands do not count (see [`Self::forget_internal`]).
     pub fn quiescent(&self) -> bool {
-        self.pending.is_empty() && self.active.is_none() && self.multi.is_none() && !self.monitor
+        self.multi.is_none()
+            && !self.monitor
+            && self.active.as_ref().is_none_or(|h| h.internal)
+            && self
+                .pending
+                .iter()
+                .all(|p| matches!(p, Pending::Owed(o) if o.internal))
+    }
+
+    /// The connection to Redis is gone: pubwarden's own commands on it will
+    /// never be answered.
+    pub fn forget_internal(&mut self) {
+        if self.active.as_ref().is_some_and(|h| h.internal) {
+            self.active = None;
+            self.completed += 1;
+        }
+        let before = self.pending.len();
+        self.pending
+            .retain(|p| !matches!(p, Pending::Owed(o) if o.internal));
+        self.completed += (before - self.pending.len()) as u64;
     }
 
     /// pubwarden answers a request itself; the answer waits for its turn.
