@@ -5,7 +5,7 @@
 //! | `/healthz` | 200 while the process runs (liveness)                         |
 //! | `/readyz`  | 200 when Redis answers and no shutdown is under way, else 503 |
 //! | `/metrics` | Prometheus text; OpenMetrics when `Accept` asks for it        |
-//! | `POST /reload` | re-read the policy file: 200, or 422 with every error, or 404 without a policy |
+//! | `POST /reload` | re-read the policy file and TLS certificates: 200, or 422 with every error, or 404 with neither configured |
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -18,7 +18,13 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
-use crate::policy::reload::Reloader;
+
+/// What `POST /reload` re-reads.
+#[derive(Clone, Default)]
+pub struct Reloaders {
+    pub policy: Option<Arc<crate::policy::reload::Reloader>>,
+    pub tls: Option<Arc<crate::tls::Reloader>>,
+}
 use crate::upstream::Health;
 
 /// Serves admin requests until the task is dropped.
@@ -26,7 +32,7 @@ pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    reloader: Option<Arc<Reloader>>,
+    reloader: Reloaders,
 ) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -83,22 +89,48 @@ fn route(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Respons
     }
 }
 
-async fn reload(req: &Request<Incoming>, reloader: Option<Arc<Reloader>>) -> Response<Full<Bytes>> {
+async fn reload(req: &Request<Incoming>, reloaders: Reloaders) -> Response<Full<Bytes>> {
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use POST /reload\n".into());
     }
-    let Some(reloader) = reloader else {
+    if reloaders.policy.is_none() && reloaders.tls.is_none() {
         return text(
             StatusCode::NOT_FOUND,
-            "no policy file is configured; nothing to reload\n".into(),
+            "no policy file or TLS certificates are configured; nothing to reload\n".into(),
         );
-    };
-    match tokio::task::spawn_blocking(move || reloader.reload("POST /reload", true)).await {
-        Ok(Ok(_)) => text(StatusCode::OK, "policy reloaded\n".into()),
-        Ok(Err(errors)) => text(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("policy not reloaded; the previous one stays in force:\n{errors}\n"),
-        ),
+    }
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut body = String::new();
+        let mut ok = true;
+        if let Some(policy) = &reloaders.policy {
+            match policy.reload("POST /reload", true) {
+                Ok(_) => body.push_str("policy reloaded\n"),
+                Err(errors) => {
+                    ok = false;
+                    body.push_str(&format!(
+                        "policy not reloaded; the previous one stays in force:\n{errors}\n"
+                    ));
+                }
+            }
+        }
+        if let Some(tls) = &reloaders.tls {
+            match tls.reload("POST /reload", true) {
+                Ok(_) => body.push_str("TLS certificates reloaded\n"),
+                Err(errors) => {
+                    ok = false;
+                    body.push_str(&format!(
+                        "TLS certificates not reloaded; the previous ones stay in use:\n{}\n",
+                        errors.join("\n")
+                    ));
+                }
+            }
+        }
+        (ok, body)
+    })
+    .await;
+    match outcome {
+        Ok((true, body)) => text(StatusCode::OK, body),
+        Ok((false, body)) => text(StatusCode::UNPROCESSABLE_ENTITY, body),
         Err(e) => text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("reload failed: {e}\n"),

@@ -61,6 +61,8 @@ pub mod reply;
 pub mod resp;
 pub mod session;
 pub mod telemetry;
+pub mod tls;
+pub mod transport;
 pub mod upstream;
 
 use std::future::Future;
@@ -124,8 +126,22 @@ pub async fn run(
     policy: Option<policy::Policy>,
     stop: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let listener = listen(settings.listen)
-        .with_context(|| format!("cannot listen for clients on {}", settings.listen))?;
+    let plain_listener = match &settings.tls {
+        Some(tls) if tls.only => None,
+        _ => Some(
+            listen(settings.listen)
+                .with_context(|| format!("cannot listen for clients on {}", settings.listen))?,
+        ),
+    };
+    let tls_listener = match &settings.tls {
+        Some(tls) => Some(listen(tls.listen).with_context(|| {
+            format!(
+                "cannot listen for TLS clients on {} (tls.listen)",
+                tls.listen
+            )
+        })?),
+        None => None,
+    };
     let admin_listener = TcpListener::bind(settings.admin.listen)
         .await
         .with_context(|| {
@@ -135,12 +151,25 @@ pub async fn run(
             )
         })?;
     tracing::info!(
-        listen = %settings.listen,
+        listen = %plain_listener.as_ref().map_or("-".to_string(), |_| settings.listen.to_string()),
+        tls_listen = %settings.tls.as_ref().map_or("-".to_string(), |t| t.listen.to_string()),
         upstream = %settings.upstream.address,
+        upstream_tls = settings.upstream.tls.is_some(),
         admin = %settings.admin.listen,
         version = env!("CARGO_PKG_VERSION"),
         "pubwarden started"
     );
+    if settings
+        .upstream
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.insecure_skip_verify)
+    {
+        tracing::warn!(
+            upstream = %settings.upstream.address,
+            "upstream.tls.insecure_skip_verify is on: Redis's certificate is NOT verified; anyone on the path to Redis can read and change the traffic"
+        );
+    }
 
     let health = Arc::new(Health::default());
     let (drain_tx, drain_rx) = watch::channel(None);
@@ -170,11 +199,24 @@ pub async fn run(
         reload_tasks.push(tokio::spawn(r.clone().watch(POLICY_CHECK_INTERVAL)));
         reload_tasks.push(tokio::spawn(r.clone().on_sighup()));
     }
+    let tls_reloader = tls::Reloader::new(
+        settings.tls.clone(),
+        settings.upstream.tls.clone(),
+        metrics.clone(),
+    )
+    .map(Arc::new);
+    if let Some(r) = &tls_reloader {
+        reload_tasks.push(tokio::spawn(r.clone().watch(POLICY_CHECK_INTERVAL)));
+        reload_tasks.push(tokio::spawn(r.clone().on_sighup()));
+    }
     let admin = tokio::spawn(admin::serve(
         admin_listener,
         health.clone(),
         metrics.clone(),
-        reloader,
+        admin::Reloaders {
+            policy: reloader,
+            tls: tls_reloader,
+        },
     ));
     let learner = policy
         .clone()
@@ -187,7 +229,10 @@ pub async fn run(
             .with_policy(policy)
             .with_tracing(traces.clone()),
     );
-    let acceptor = tokio::spawn(proxy::accept_loop(listener, shared.clone()));
+    let acceptors: Vec<_> = [(plain_listener, false), (tls_listener, true)]
+        .into_iter()
+        .filter_map(|(l, tls)| l.map(|l| tokio::spawn(proxy::accept_loop(l, shared.clone(), tls))))
+        .collect();
 
     stop.await;
     health.set_draining();
@@ -198,7 +243,9 @@ pub async fn run(
         drain_timeout_ms = drain_timeout.as_millis() as u64,
         "shutting down: draining connections"
     );
-    let _ = acceptor.await;
+    for acceptor in acceptors {
+        let _ = acceptor.await;
+    }
     // Connections close themselves by the deadline; allow a moment past it
     // for their final writes.
     let grace = deadline + std::time::Duration::from_millis(500);

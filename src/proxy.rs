@@ -28,6 +28,7 @@ use crate::reply;
 use crate::resp::frame::FrameScanner;
 use crate::resp::request::RequestParser;
 use crate::session::{FrameClass, Session};
+use crate::transport::{TlsTransport, Transport};
 use crate::upstream::{self, Health};
 
 /// Bytes asked of the kernel per read. Large reads drain a busy subscriber's
@@ -122,8 +123,13 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Accepts clients until shutdown begins.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+/// A client connection before the relay takes it over.
+type ClientStream =
+    tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// Accepts clients until shutdown begins. `tls`: this is the TLS listener
+/// (`tls:` in the settings), whose clients handshake first.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: bool) {
     let mut drain = shared.drain.clone();
     loop {
         tokio::select! {
@@ -133,11 +139,16 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         // Redis's maxclients answer, then a close.
                         shared.metrics.client_rejected_max_clients();
                         tracing::warn!(%peer, max = shared.settings.limits.max_clients, "refusing client: max_clients reached");
-                        tokio::spawn(refuse(stream, Bytes::from_static(b"-ERR max number of clients reached\r\n")));
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            if let Some(stream) = handshake(&shared, stream, peer, tls).await {
+                                refuse(stream, Bytes::from_static(b"-ERR max number of clients reached\r\n")).await;
+                            }
+                        });
                         continue;
                     }
                     let guard = OpenGuard::new(&shared);
-                    tokio::spawn(serve(stream, peer, guard));
+                    tokio::spawn(serve(stream, peer, guard, tls));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -209,16 +220,92 @@ struct Counts {
     bytes_to_client: u64,
 }
 
-async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
+/// The TLS handshake of a client on the TLS listener (plain clients pass
+/// through). `None`: it failed, was logged and counted.
+async fn handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+) -> Option<ClientStream> {
+    let _ = tcp.set_nodelay(true);
+    keepalive(&tcp, shared.settings.limits.tcp_keepalive);
+    let settings = match (&shared.settings.tls, tls) {
+        (Some(settings), true) => settings,
+        _ => return Some(ClientStream::Left(tcp)),
+    };
+    match crate::tls::accept(settings, tcp).await {
+        Ok(stream) => Some(ClientStream::Right(stream)),
+        Err(e) => {
+            let reason = crate::tls::failure_reason(&e);
+            shared.metrics.tls_handshake_failed("client", reason);
+            tracing::info!(%peer, reason, error = %crate::tls::describe(&e), "client TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// The identities of a verified client certificate (`cn:`, `dns:`, ...);
+/// empty without one, or when the listener does not verify certificates.
+fn client_identities(shared: &Shared, stream: &ClientStream) -> Vec<String> {
+    let verifies = shared
+        .settings
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.client_auth != crate::tls::ClientAuth::None);
+    match stream {
+        ClientStream::Right(tls) if verifies => tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(crate::tls::material::identities)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+fn into_transport(stream: ClientStream) -> Transport {
+    match stream {
+        ClientStream::Left(tcp) => Transport::Plain(tcp),
+        ClientStream::Right(tls) => {
+            let (tcp, conn) = tls.into_inner();
+            Transport::Tls(Box::new(TlsTransport::new(
+                tcp,
+                rustls::Connection::Server(conn),
+            )))
+        }
+    }
+}
+
+async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
     let shared = guard.0.clone();
     let started = Instant::now();
-    let _ = client.set_nodelay(true);
-    keepalive(&client, shared.settings.limits.tcp_keepalive);
     let _client_gauge = shared.metrics.client_connected();
+    let Some(client) = handshake(&shared, tcp, peer, tls).await else {
+        return;
+    };
+    let identities = client_identities(&shared, &client);
     let gate = match &shared.policy {
         Some(runtime) => match Gate::new(runtime.clone(), peer.ip()) {
-            Ok(gate) if shared.metrics.enabled() => Some(gate.with_metrics(shared.metrics.clone())),
-            Ok(gate) => Some(gate),
+            Ok(gate) => {
+                let mut gate = if shared.metrics.enabled() {
+                    gate.with_metrics(shared.metrics.clone())
+                } else {
+                    gate
+                };
+                if !identities.is_empty() {
+                    match gate.login_certificate(&identities) {
+                        Ok(mapped) => shared.metrics.tls_client_login(mapped),
+                        Err(reply) => {
+                            tracing::warn!(%peer, "refusing client: its certificate's user is at max_connections");
+                            refuse(client, reply).await;
+                            return;
+                        }
+                    }
+                }
+                Some(gate)
+            }
             Err(reply) => {
                 shared.metrics.client_rejected_user_limit();
                 tracing::warn!(%peer, "refusing client: the default user's max_connections is reached");
@@ -231,9 +318,12 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
     let upstream = match upstream::connect_relay(&shared.settings.upstream, &shared.health).await {
         Ok(s) => {
             shared.metrics.upstream_connected();
-            s
+            upstream::into_transport(s)
         }
         Err(e) => {
+            if let upstream::ConnectError::Tls { reason, .. } = &e {
+                shared.metrics.tls_handshake_failed("upstream", reason);
+            }
             if !matches!(e, upstream::ConnectError::CircuitOpen) {
                 shared.metrics.upstream_connect_failed(
                     matches!(e, upstream::ConnectError::Timeout(_)),
@@ -250,9 +340,9 @@ async fn serve(client: TcpStream, peer: SocketAddr, guard: OpenGuard) {
             return;
         }
     };
-    keepalive(&upstream, shared.settings.limits.tcp_keepalive);
+    keepalive(upstream.tcp(), shared.settings.limits.tcp_keepalive);
     let reloads = shared.policy.as_ref().map(|p| p.reloads());
-    let mut conn = Conn::new(client, upstream, &shared.settings);
+    let mut conn = Conn::new(into_transport(client), upstream, &shared.settings);
     conn.reloads = reloads;
     conn.closes = Some(shared.metrics.clone());
     if let Some(gate) = &gate {
@@ -297,20 +387,14 @@ fn keepalive(stream: &TcpStream, idle: std::time::Duration) {
 
 /// Tells the client why it cannot be served, then closes without a reset:
 /// its pending input is read and dropped so the error is not lost to an RST.
-async fn refuse(mut client: TcpStream, message: Bytes) {
+async fn refuse(mut client: ClientStream, message: Bytes) {
+    use tokio::io::AsyncReadExt;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         client.write_all(&message).await?;
         client.shutdown().await?;
         let mut sink = [0u8; 4096];
-        loop {
-            client.readable().await?;
-            match client.try_read(&mut sink) {
-                Ok(0) => return Ok::<_, io::Error>(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        while client.read(&mut sink).await? > 0 {}
+        Ok::<_, io::Error>(())
     })
     .await;
 }
@@ -332,7 +416,7 @@ impl Outbox {
 
     /// Writes `data` now if nothing is queued ahead of it, and keeps what the
     /// kernel did not take.
-    fn send(&mut self, sock: &TcpStream, data: &[u8]) -> io::Result<()> {
+    fn send(&mut self, sock: &mut Transport, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -353,7 +437,8 @@ impl Outbox {
     }
 
     /// Writes as much of the queue as the socket takes.
-    fn flush(&mut self, sock: &TcpStream) -> io::Result<()> {
+    fn flush(&mut self, sock: &mut Transport) -> io::Result<()> {
+        sock.flush_pending()?;
         while !self.buf.is_empty() {
             match sock.try_write(&self.buf) {
                 Ok(n) => self.buf.advance(n),
@@ -376,7 +461,7 @@ impl Outbox {
 /// With edge-triggered epoll, data arriving after the read raises a new event
 /// the driver has not processed yet, so no wakeup is lost.
 fn read_some(
-    sock: &TcpStream,
+    sock: &mut Transport,
     buf: &mut BytesMut,
     drained_hint: bool,
 ) -> io::Result<Option<usize>> {
@@ -387,9 +472,7 @@ fn read_some(
     match sock.try_read_buf(buf) {
         Ok(n) => {
             if drained_hint && n > 0 && n < spare {
-                let _ = sock.try_io(tokio::io::Interest::READABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
+                sock.clear_read_ready();
             }
             Ok(Some(n))
         }
@@ -399,8 +482,8 @@ fn read_some(
 }
 
 struct Conn {
-    client: TcpStream,
-    upstream: TcpStream,
+    client: Transport,
+    upstream: Transport,
     parser: RequestParser,
     scanner: FrameScanner,
     session: Session,
@@ -458,7 +541,7 @@ impl Conn {
         self.metrics = Some(m);
     }
 
-    fn new(client: TcpStream, upstream: TcpStream, settings: &Settings) -> Self {
+    fn new(client: Transport, upstream: Transport, settings: &Settings) -> Self {
         Self {
             client,
             upstream,
@@ -531,12 +614,12 @@ impl Conn {
             let soft_at = self
                 .over_soft_since
                 .map(|t| t + self.limits.subscriber_output_soft_for);
-            let write_client = !self.to_client.is_empty();
-            let write_upstream = !self.to_upstream.is_empty();
+            let write_client = !self.to_client.is_empty() || self.client.wants_write();
+            let write_upstream = !self.to_upstream.is_empty() || self.upstream.wants_write();
             let result = tokio::select! {
                 biased;
                 r = self.client.writable(), if write_client => r
-                    .and_then(|_| self.to_client.flush(&self.client))
+                    .and_then(|_| self.to_client.flush(&mut self.client))
                     .map(|()| {
                         if let Some(m) = &mut self.metrics {
                             m.output_waiting(self.to_client.len());
@@ -547,7 +630,7 @@ impl Conn {
                     })
                     .map_err(|_| Closed::ClientIo),
                 r = self.upstream.writable(), if write_upstream => r
-                    .and_then(|_| self.to_upstream.flush(&self.upstream))
+                    .and_then(|_| self.to_upstream.flush(&mut self.upstream))
                     .map_err(|_| Closed::UpstreamIo),
                 r = self.upstream.readable(), if read_upstream => match r {
                     Ok(()) => self.on_upstream_readable(),
@@ -666,6 +749,11 @@ impl Conn {
             match upstream::connect(&self.upstream_settings).await {
                 Ok(s) => break s,
                 Err(e) => {
+                    if let (upstream::ConnectError::Tls { reason, .. }, Some(m)) =
+                        (&e, &self.closes)
+                    {
+                        m.tls_handshake_failed("upstream", reason);
+                    }
                     if tokio::time::Instant::now() + backoff > give_up {
                         tracing::warn!(%user, error = %e, "could not reconnect in time; closing the subscriber");
                         return Err(Closed::ByUpstream);
@@ -675,10 +763,10 @@ impl Conn {
                 }
             }
         };
-        keepalive(&stream, self.limits.tcp_keepalive);
         // A previous attempt's commands died with its connection.
         self.session.forget_internal();
-        self.upstream = stream;
+        self.upstream = upstream::into_transport(stream);
+        keepalive(self.upstream.tcp(), self.limits.tcp_keepalive);
         self.from_upstream = BytesMut::new();
         self.scanner = FrameScanner::new(self.max_reply_depth);
         self.upstream_half_closed = false;
@@ -716,7 +804,7 @@ impl Conn {
             }
         }
         self.to_upstream
-            .send(&self.upstream, &out)
+            .send(&mut self.upstream, &out)
             .map_err(|_| Closed::UpstreamIo)?;
         // Activate the internal entries before their answers arrive.
         self.send_due_answers()?;
@@ -813,9 +901,9 @@ impl Conn {
     /// arrived, briefly, then close.
     async fn flush_client_before_close(&mut self) {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
-            while !self.to_client.is_empty() {
+            while !self.to_client.is_empty() || self.client.wants_write() {
                 self.client.writable().await?;
-                self.to_client.flush(&self.client)?;
+                self.to_client.flush(&mut self.client)?;
             }
             Ok::<_, io::Error>(())
         })
@@ -823,7 +911,11 @@ impl Conn {
     }
 
     fn on_client_readable(&mut self) -> Result<(), Closed> {
-        match read_some(&self.client, &mut self.from_client, self.single_threaded) {
+        match read_some(
+            &mut self.client,
+            &mut self.from_client,
+            self.single_threaded,
+        ) {
             Ok(None) => return Ok(()),
             Ok(Some(0)) => {
                 self.client_done = true;
@@ -1003,10 +1095,10 @@ impl Conn {
         }
         let rest = &self.from_client[run..at];
         let sent = if staged.is_empty() {
-            self.to_upstream.send(&self.upstream, rest)
+            self.to_upstream.send(&mut self.upstream, rest)
         } else {
             staged.extend_from_slice(rest);
-            self.to_upstream.send(&self.upstream, &staged)
+            self.to_upstream.send(&mut self.upstream, &staged)
         };
         sent.map_err(|_| Closed::UpstreamIo)?;
         self.consume_client(at);
@@ -1023,7 +1115,7 @@ impl Conn {
 
     /// Writes local answers that are due now that nothing is owed before them.
     fn send_due_answers(&mut self) -> Result<(), Closed> {
-        let (session, out, sock) = (&mut self.session, &mut self.to_client, &self.client);
+        let (session, out, sock) = (&mut self.session, &mut self.to_client, &mut self.client);
         let mut result = Ok(());
         let mut sent = 0;
         session.settle(|reply| {
@@ -1045,7 +1137,7 @@ impl Conn {
 
     fn on_upstream_readable(&mut self) -> Result<(), Closed> {
         match read_some(
-            &self.upstream,
+            &mut self.upstream,
             &mut self.from_upstream,
             self.single_threaded,
         ) {
@@ -1181,7 +1273,7 @@ impl Conn {
                 self.send_to_client(run, at)?;
                 for reply in due.drain(..) {
                     self.to_client
-                        .send(&self.client, &reply)
+                        .send(&mut self.client, &reply)
                         .map_err(|_| Closed::ClientIo)?;
                     self.counts.bytes_to_client += reply.len() as u64;
                 }
@@ -1208,7 +1300,7 @@ impl Conn {
     fn substitute(&mut self, run: usize, start: usize, bytes: &[u8]) -> Result<(), Closed> {
         self.send_to_client(run, start)?;
         self.to_client
-            .send(&self.client, bytes)
+            .send(&mut self.client, bytes)
             .map_err(|_| Closed::ClientIo)?;
         self.counts.bytes_to_client += bytes.len() as u64;
         Ok(())
@@ -1217,7 +1309,7 @@ impl Conn {
     fn send_to_client(&mut self, from: usize, to: usize) -> Result<(), Closed> {
         self.counts.bytes_to_client += (to - from) as u64;
         self.to_client
-            .send(&self.client, &self.from_upstream[from..to])
+            .send(&mut self.client, &self.from_upstream[from..to])
             .map_err(|_| Closed::ClientIo)
     }
 }

@@ -10,6 +10,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
+use crate::transport::{TlsTransport, Transport};
+
+/// A connection to Redis before the relay takes it over: plain, or TLS
+/// with the handshake done.
+pub type Stream = tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// Hands a connection to the relay's non-blocking transport.
+pub fn into_transport(stream: Stream) -> Transport {
+    match stream {
+        tokio_util::either::Either::Left(tcp) => Transport::Plain(tcp),
+        tokio_util::either::Either::Right(tls) => {
+            let (tcp, conn) = tls.into_inner();
+            Transport::Tls(Box::new(TlsTransport::new(
+                tcp,
+                rustls::Connection::Client(conn),
+            )))
+        }
+    }
+}
 
 /// Why a connection to Redis could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +41,14 @@ pub enum ConnectError {
     /// never contains the password).
     #[error("Redis refused pubwarden's credentials: {0}")]
     Auth(String),
+    /// The TLS handshake with Redis failed (certificate not trusted, wrong
+    /// name, our client certificate refused, ...).
+    #[error("TLS handshake failed: {message}")]
+    Tls {
+        /// The `reason` label of `pubwarden_tls_handshake_failures_total`.
+        reason: &'static str,
+        message: String,
+    },
     /// Recent connects all failed; not trying again for a moment.
     #[error("connects keep failing; retrying shortly")]
     CircuitOpen,
@@ -39,7 +66,7 @@ pub fn auth_command(settings: &Upstream) -> Option<Bytes> {
 }
 
 /// Sends AUTH and reads its one-line answer before any client byte flows.
-async fn authenticate(stream: &mut TcpStream, auth: &[u8]) -> Result<(), ConnectError> {
+async fn authenticate(stream: &mut Stream, auth: &[u8]) -> Result<(), ConnectError> {
     stream.write_all(auth).await?;
     let mut reply = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
@@ -61,10 +88,7 @@ async fn authenticate(stream: &mut TcpStream, auth: &[u8]) -> Result<(), Connect
 /// Opens a relay connection, retrying a refused connect twice with jittered
 /// backoff (a Redis restarting or failing over comes back within moments),
 /// all within one connect timeout; refused at once while the circuit is open.
-pub async fn connect_relay(
-    settings: &Upstream,
-    health: &Health,
-) -> Result<TcpStream, ConnectError> {
+pub async fn connect_relay(settings: &Upstream, health: &Health) -> Result<Stream, ConnectError> {
     if health.circuit_open() {
         return Err(ConnectError::CircuitOpen);
     }
@@ -104,15 +128,36 @@ pub async fn connect_relay(
     }
 }
 
-/// Opens one relay connection to Redis, bounded by the connect timeout.
-pub async fn connect(settings: &Upstream) -> Result<TcpStream, ConnectError> {
-    let mut stream = tokio::time::timeout(
+/// Opens one relay connection to Redis (TLS handshake included), bounded by
+/// the connect timeout.
+pub async fn connect(settings: &Upstream) -> Result<Stream, ConnectError> {
+    let tcp = tokio::time::timeout(
         settings.connect_timeout,
         TcpStream::connect(&settings.address),
     )
     .await
     .map_err(|_| ConnectError::Timeout(settings.connect_timeout))??;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let mut stream = match &settings.tls {
+        None => Stream::Left(tcp),
+        Some(tls) => {
+            let name = crate::tls::server_name(tls, &settings.address)?;
+            let connector = tokio_rustls::TlsConnector::from(tls.live.config());
+            let handshake =
+                tokio::time::timeout(settings.connect_timeout, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| ConnectError::Timeout(settings.connect_timeout))?;
+            match handshake {
+                Ok(s) => Stream::Right(s),
+                Err(e) => {
+                    return Err(ConnectError::Tls {
+                        reason: crate::tls::failure_reason(&e),
+                        message: crate::tls::describe(&e),
+                    });
+                }
+            }
+        }
+    };
     if let Some(auth) = auth_command(settings) {
         tokio::time::timeout(settings.connect_timeout, authenticate(&mut stream, &auth))
             .await

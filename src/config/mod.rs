@@ -37,6 +37,8 @@ pub struct Settings {
     /// Threads relaying connections; 0: one per available CPU. With one, a
     /// single-threaded runtime is used (cheaper, and it may skip a read per batch).
     pub worker_threads: usize,
+    /// `tls:`: a TLS listener for clients, if any.
+    pub tls: Option<crate::tls::ListenerTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +62,8 @@ pub struct Upstream {
     /// Re-subscribe connections whose every subscription matches one of these
     /// Redis globs, even when `resubscribe` is off.
     pub resubscribe_channels: Vec<String>,
+    /// TLS to Redis (`upstream.tls`, or a `rediss://` address).
+    pub tls: Option<crate::tls::UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -130,6 +134,7 @@ impl Default for Settings {
                 resubscribe: false,
                 resubscribe_for: Duration::from_secs(60),
                 resubscribe_channels: Vec::new(),
+                tls: None,
             },
             admin: Admin {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
@@ -160,6 +165,7 @@ impl Default for Settings {
             tracing: crate::telemetry::TracingSettings::default(),
             source: None,
             worker_threads: 0,
+            tls: None,
         }
     }
 }
@@ -179,6 +185,37 @@ fn socket_addr(text: &str) -> Result<SocketAddr, String> {
     text.trim().parse().map_err(|_| {
         format!("`{text}` is not an IP:port address (e.g. 127.0.0.1:6380 or [::1]:6380)")
     })
+}
+
+/// An upstream address: `host:port`, `redis://host:port` (plaintext) or
+/// `rediss://host:port` (TLS). The scheme, when given, says whether TLS is on.
+fn upstream_address(text: &str) -> Result<(String, Option<bool>), String> {
+    let t = text.trim();
+    let (scheme, rest) = match t.split_once("://") {
+        Some(("redis", rest)) => (Some(false), rest),
+        Some(("rediss", rest)) => (Some(true), rest),
+        Some((other, _)) => {
+            return Err(format!(
+                "`{other}://` is not an upstream scheme (use redis://, rediss:// or host:port)"
+            ));
+        }
+        None => (None, t),
+    };
+    if rest.contains('@') {
+        return Err(
+            "credentials in the address are not accepted (they would show in logs); use upstream.username and upstream.password".into(),
+        );
+    }
+    let rest = match rest.split_once('/') {
+        Some((hp, "" | "0")) => hp,
+        Some(_) => {
+            return Err(
+                "a database number in the address is not supported (pubwarden relays to database 0; clients SELECT their own)".into(),
+            );
+        }
+        None => rest,
+    };
+    Ok((host_port(rest)?, scheme))
 }
 
 fn host_port(text: &str) -> Result<String, String> {
@@ -252,8 +289,10 @@ impl Settings {
                 "metrics",
                 "telemetry",
                 "worker_threads",
+                "tls",
             ],
         );
+        s.tls = crate::tls::settings::read_listener(&mut r, &root);
         if let Some(v) = r.field(&root, "worker_threads", yaml::number(0, 1024)) {
             s.worker_threads = v as usize;
         }
@@ -273,6 +312,7 @@ impl Settings {
                 "resubscribe",
                 "resubscribe_for",
                 "resubscribe_channels",
+                "tls",
             ],
         );
         if let Some((node, path)) = up.as_ref().and_then(|m| m.get("resubscribe_channels")) {
@@ -291,9 +331,12 @@ impl Settings {
         }) {
             s.upstream.resubscribe_for = v;
         }
-        if let Some(v) = r.field(&up, "address", host_port) {
+        let mut scheme_tls = None;
+        if let Some((v, scheme)) = r.field(&up, "address", upstream_address) {
             s.upstream.address = v;
+            scheme_tls = scheme;
         }
+        s.upstream.tls = crate::tls::settings::read_upstream(&mut r, &up, scheme_tls);
         if let Some(v) = r.field(&up, "connect_timeout", |t| {
             yaml::duration(t).and_then(positive)
         }) {
@@ -495,8 +538,25 @@ impl Settings {
             }
         }
         if let Some(v) = one("--upstream / PUBWARDEN_UPSTREAM", &o.upstream, r) {
-            match host_port(&v) {
-                Ok(a) => self.upstream.address = a,
+            match upstream_address(&v) {
+                Ok((a, scheme)) => {
+                    self.upstream.address = a;
+                    match (scheme, &self.upstream.tls) {
+                        (Some(false), Some(_)) => r.error(
+                            "--upstream / PUBWARDEN_UPSTREAM",
+                            Pos::default(),
+                            "redis:// (plaintext) contradicts upstream.tls in the settings file",
+                        ),
+                        (Some(true), None) => {
+                            self.upstream.tls = crate::tls::settings::default_upstream()
+                                .map_err(|e| {
+                                    r.error("--upstream / PUBWARDEN_UPSTREAM", Pos::default(), e)
+                                })
+                                .ok();
+                        }
+                        _ => {}
+                    }
+                }
                 Err(e) => r.error("--upstream / PUBWARDEN_UPSTREAM", Pos::default(), e),
             }
         }
@@ -515,6 +575,22 @@ impl Settings {
         }
         if self.listen == self.admin.listen {
             r.error("admin.listen", Pos::default(), "must differ from `listen`");
+        }
+        if let Some(tls) = &self.tls {
+            if !tls.only && tls.listen == self.listen {
+                r.error(
+                    "tls.listen",
+                    Pos::default(),
+                    "must differ from `listen` (or set tls.only: true to serve TLS alone)",
+                );
+            }
+            if tls.listen == self.admin.listen {
+                r.error(
+                    "tls.listen",
+                    Pos::default(),
+                    "must differ from admin.listen",
+                );
+            }
         }
     }
 }
@@ -547,6 +623,9 @@ impl fmt::Display for Settings {
             .map(|g| format!("{g:?}"))
             .collect();
         writeln!(f, "  resubscribe_channels: [{}]", globs.join(", "))?;
+        if let Some(tls) = &self.upstream.tls {
+            crate::tls::settings::print_upstream(f, tls)?;
+        }
         writeln!(f, "admin:")?;
         writeln!(f, "  listen: {}", self.admin.listen)?;
         writeln!(f, "limits:")?;
@@ -590,6 +669,9 @@ impl fmt::Display for Settings {
             writeln!(f, "policy: {}", p.display())?;
         }
         writeln!(f, "worker_threads: {}", self.worker_threads)?;
+        if let Some(tls) = &self.tls {
+            crate::tls::settings::print_listener(f, tls)?;
+        }
         write!(f, "{}", self.metrics)?;
         write!(f, "{}", self.tracing)
     }

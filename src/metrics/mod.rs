@@ -284,6 +284,12 @@ pub struct Metrics {
     trace_span_drops: [Counter; 2],
     envelope_latency: AtomicHistogram,
     publish_delivery_latency: AtomicHistogram,
+
+    /// TLS (src/tls): rare events, so families looked up by label.
+    tls_handshake_failures: Counters,
+    tls_expiry: Family<Labels, Gauge>,
+    tls_reloads: [Counter; 2],
+    tls_client_logins: [Counter; 2],
 }
 
 fn latency() -> AtomicHistogram {
@@ -513,6 +519,22 @@ impl Metrics {
         );
         config_last_success.set(unix_now());
         let mut r = Reg(&mut registry);
+        let tls_handshake_failures = r.counters(
+            "pubwarden_tls_handshake_failures",
+            "TLS handshakes that failed, by side (client, upstream) and reason",
+        );
+        let tls_expiry = r.gauges(
+            "pubwarden_tls_certificate_expiry_timestamp_seconds",
+            "Unix time at which a configured certificate expires (a CA bundle: its earliest), by certificate",
+        );
+        let tls_reloads_f = r.counters(
+            "pubwarden_tls_reloads",
+            "TLS certificate and key reloads by result (success, failure)",
+        );
+        let tls_logins_f = r.counters(
+            "pubwarden_tls_client_logins",
+            "Verified client certificates by whether they named a policy user (mapped, unmapped)",
+        );
         let span_drops_f = r.counters(
             "pubwarden_trace_spans_dropped",
             "Trace spans not exported, by reason (queue_full, export_failed)",
@@ -632,6 +654,12 @@ impl Metrics {
             trace_span_drops,
             envelope_latency,
             publish_delivery_latency,
+            tls_handshake_failures,
+            tls_expiry,
+            tls_reloads: ["success", "failure"]
+                .map(|res| tls_reloads_f.get_or_create_owned(&labels(&[("result", res)]))),
+            tls_client_logins: ["mapped", "unmapped"]
+                .map(|res| tls_logins_f.get_or_create_owned(&labels(&[("result", res)]))),
         }
     }
 
@@ -857,6 +885,30 @@ impl Metrics {
         self.rate_limit_delay_seconds
             .get_or_create(&l)
             .inc_by(delay.as_secs_f64());
+    }
+
+    /// A TLS handshake failed. `side`: `client` or `upstream`; `reason`
+    /// from [`crate::tls::failure_reason`].
+    pub fn tls_handshake_failed(&self, side: &'static str, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&labels(&[("side", side), ("reason", reason)]))
+            .inc();
+    }
+
+    /// When the certificate `which` expires (Unix seconds).
+    pub fn tls_certificate_expiry(&self, which: &'static str, unix: i64) {
+        self.tls_expiry
+            .get_or_create(&labels(&[("certificate", which)]))
+            .set(unix);
+    }
+
+    pub fn tls_reload(&self, ok: bool) {
+        self.tls_reloads[usize::from(!ok)].inc();
+    }
+
+    /// A verified client certificate did (or did not) name a policy user.
+    pub fn tls_client_login(&self, mapped: bool) {
+        self.tls_client_logins[usize::from(!mapped)].inc();
     }
 
     /// A configuration reload finished.

@@ -330,6 +330,36 @@ impl Gate {
         }
     }
 
+    /// Signs in as the user a verified client certificate names (mTLS), so
+    /// the client needs no AUTH. `Ok(false)`: no enabled user allowed from
+    /// this address names it, and the connection stays as it was. `Err`:
+    /// the reply for a user at its connection limit.
+    pub fn login_certificate(&mut self, identities: &[String]) -> Result<bool, Bytes> {
+        let snapshot = Arc::clone(&self.snapshot);
+        let Some((index, user)) = snapshot.user_by_identity(identities) else {
+            return Ok(false);
+        };
+        if !user.enabled || !user.allowed_from(self.peer) {
+            let why = if user.enabled {
+                AuthFailure::SourceNotAllowed
+            } else {
+                AuthFailure::DisabledUser
+            };
+            self.auth_failed(why);
+            tracing::info!(peer = %self.peer, user = %user.name, reason = ?why, "client certificate not accepted for its user");
+            return Ok(false);
+        }
+        let Some(slot) = self.runtime.acquire(user) else {
+            self.auth_failed(AuthFailure::TooManyConnections);
+            return Err(Bytes::from_static(replies::MAX_CLIENTS));
+        };
+        self.set_user(Some((index, user.name.clone(), slot)));
+        if let Some(m) = &self.metrics {
+            m.auth_success();
+        }
+        Ok(true)
+    }
+
     /// Authenticated (or implicitly `default`): the pre-auth input caps stop applying.
     pub fn authenticated(&self) -> bool {
         self.user.is_some()

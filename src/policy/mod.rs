@@ -262,6 +262,9 @@ pub struct User {
     pub churn: Option<Mutex<Limiter<()>>>,
     /// Overrides `upstream.resubscribe` for this user's connections.
     pub resubscribe: Option<bool>,
+    /// Client certificate identities (`cn:NAME`, `dns:NAME`, ...) that sign
+    /// a connection on the TLS listener in as this user, without AUTH.
+    pub tls_identities: Vec<String>,
 }
 
 impl User {
@@ -427,6 +430,17 @@ impl Policy {
             .iter()
             .enumerate()
             .find(|(_, u)| u.name.as_bytes() == name)
+    }
+
+    /// The user a verified client certificate names: the first identity of
+    /// the certificate that one of the users lists.
+    pub fn user_by_identity(&self, identities: &[String]) -> Option<(usize, &User)> {
+        identities.iter().find_map(|id| {
+            self.users
+                .iter()
+                .enumerate()
+                .find(|(_, u)| u.tls_identities.iter().any(|t| t == id))
+        })
     }
 
     /// The user a connection has before any AUTH: `default` if it needs no password.
@@ -654,6 +668,7 @@ mod tests {
             rate_rules: vec![],
             churn: None,
             resubscribe: None,
+            tls_identities: vec![],
         };
         assert!(u.verify(b"old") && u.verify(b"new") && !u.verify(b"other"));
         assert_eq!(

@@ -109,6 +109,22 @@ pub fn parse(text: &str) -> Result<Policy, ConfigErrors> {
             .collect();
     }
     let default_user = users.iter().position(|u| u.name == "default");
+    let mut claimed: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+    for u in &users {
+        for id in &u.tls_identities {
+            if let Some(other) = claimed.insert(id, &u.name)
+                && other != u.name
+            {
+                r.error(
+                    &format!("users.{}.tls_identities", u.name),
+                    Pos::default(),
+                    format!(
+                        "`{id}` already names user `{other}`: a certificate must map to one user"
+                    ),
+                );
+            }
+        }
+    }
 
     if !r.errors.is_empty() {
         return Err(ConfigErrors(r.errors));
@@ -185,9 +201,27 @@ fn user(
             "commands",
             "subscribe_ops_per_second",
             "resubscribe",
+            "tls_identities",
         ],
     );
     m.as_ref()?;
+    let tls_identities = match m.as_ref().and_then(|mm| mm.get("tls_identities")) {
+        Some((node, ipath)) => r
+            .items(node, &ipath, "certificate identities, e.g. [\"cn:orders\"]")
+            .into_iter()
+            .filter_map(|(item, item_path)| {
+                let text = r.scalar(item, &item_path)?.trim().to_string();
+                match tls_identity(&text) {
+                    Ok(()) => Some(text),
+                    Err(e) => {
+                        r.error(&item_path, item.pos, e);
+                        None
+                    }
+                }
+            })
+            .collect(),
+        None => Vec::new(),
+    };
     let enabled = r.field(&m, "enabled", boolean).unwrap_or(true);
     let nopass = r.field(&m, "nopass", boolean).unwrap_or(false);
     let mut passwords = Vec::new();
@@ -199,11 +233,11 @@ fn user(
             }
         }
     }
-    if !nopass && passwords.is_empty() && enabled {
+    if !nopass && passwords.is_empty() && tls_identities.is_empty() && enabled {
         r.error(
             path,
             node.pos,
-            format!("user `{name}` needs `passwords` or `nopass: true`"),
+            format!("user `{name}` needs `passwords`, `tls_identities` or `nopass: true`"),
         );
     }
     if nopass && !passwords.is_empty() {
@@ -277,7 +311,32 @@ fn user(
         rate_rules: Vec::new(),
         churn,
         resubscribe: r.field(&m, "resubscribe", boolean),
+        tls_identities,
     })
+}
+
+/// A client certificate identity: `cn:`, `dns:`, `uri:`, `email:` or `ip:`
+/// followed by the exact name.
+fn tls_identity(text: &str) -> Result<(), String> {
+    let bad = || {
+        format!(
+            "`{text}` is not a certificate identity (use cn:NAME, dns:NAME, uri:URI, email:ADDRESS or ip:ADDRESS)"
+        )
+    };
+    let (kind, name) = text.split_once(':').ok_or_else(bad)?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    match kind {
+        "cn" | "dns" | "uri" | "email" => Ok(()),
+        // Compared in the form the certificate's address is printed in.
+        "ip" => match name.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.to_string() == name => Ok(()),
+            Ok(ip) => Err(format!("write `{text}` as `ip:{ip}`")),
+            Err(_) => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
 }
 
 fn add_command_rule(
