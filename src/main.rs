@@ -97,6 +97,13 @@ fn load_policy(settings: &Settings) -> Result<Option<Policy>, ExitCode> {
 }
 
 fn check_config(file: &std::path::Path, overrides: &Overrides) -> ExitCode {
+    // A report piped into `head` ends quietly, as other Unix tools do, not
+    // with a panic over a broken pipe. Only here: the server keeps SIGPIPE
+    // ignored so a vanished client is an error on its socket.
+    // SAFETY: restoring a default disposition, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let settings = match load(Some(file), overrides) {
         Ok(s) => s,
         Err(code) => return code,
