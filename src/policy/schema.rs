@@ -567,6 +567,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn certificate_identities() {
+        let p = parse(
+            "users:\n  orders:\n    tls_identities: [\"cn:orders\", \"ip:10.0.0.1\"]\n  billing:\n    tls_identities: [\"uri:spiffe://prod/billing\"]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ids = ["dns:x".to_string(), "ip:10.0.0.1".to_string()];
+        assert_eq!(
+            p.user_by_identity(&ids).map(|(_, u)| u.name.as_str()),
+            Some("orders")
+        );
+        assert!(p.user_by_identity(&["cn:nobody".to_string()]).is_none());
+        let e = parse(
+            "users:\n  a:\n    tls_identities: [\"cn:x\"]\n  b:\n    tls_identities: [\"cn:x\", \"CN=y\", \"ip:010.0.0.1\"]\n",
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("`cn:x` already names user `a`"), "{e}");
+        assert!(e.contains("`CN=y` is not a certificate identity"), "{e}");
+        assert!(e.contains("ip:010.0.0.1"), "{e}");
+    }
+
+    #[test]
     fn shipped_example_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.yaml");
         let p = load(&path).unwrap_or_else(|e| panic!("{e}"));
