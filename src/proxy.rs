@@ -236,6 +236,12 @@ async fn handshake(
     };
     match crate::tls::accept(settings, tcp).await {
         Ok(stream) => Some(ClientStream::Right(stream)),
+        // Closed before a ClientHello: a TCP port check (load balancers,
+        // tcpSocket probes), not a failed handshake.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            tracing::debug!(%peer, "TLS client closed before its handshake");
+            None
+        }
         Err(e) => {
             let reason = crate::tls::failure_reason(&e);
             shared.metrics.tls_handshake_failed("client", reason);

@@ -65,18 +65,26 @@ pub fn auth_command(settings: &Upstream) -> Option<Bytes> {
     Some(Bytes::from(crate::resp::encode_command(&args)))
 }
 
-/// Sends AUTH and reads its one-line answer before any client byte flows.
-async fn authenticate(stream: &mut Stream, auth: &[u8]) -> Result<(), ConnectError> {
-    stream.write_all(auth).await?;
+/// Sends AUTH (or a PING) and reads its one-line answer before any client
+/// byte flows. Only AUTH's answer must be OK.
+async fn round_trip(
+    stream: &mut Stream,
+    command: &[u8],
+    is_auth: bool,
+) -> Result<(), ConnectError> {
+    stream.write_all(command).await?;
     let mut reply = Vec::with_capacity(64);
     let mut byte = [0u8; 1];
     while !reply.ends_with(b"\r\n") {
         if stream.read(&mut byte).await? == 0 || reply.len() > 1024 {
-            return Err(ConnectError::Auth("connection closed during AUTH".into()));
+            return Err(ConnectError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "Redis closed the connection before answering",
+            )));
         }
         reply.push(byte[0]);
     }
-    if reply.starts_with(b"+OK") {
+    if !is_auth || reply.starts_with(b"+OK") {
         Ok(())
     } else {
         Err(ConnectError::Auth(
@@ -158,12 +166,47 @@ pub async fn connect(settings: &Upstream) -> Result<Stream, ConnectError> {
             }
         }
     };
-    if let Some(auth) = auth_command(settings) {
-        tokio::time::timeout(settings.connect_timeout, authenticate(&mut stream, &auth))
-            .await
-            .map_err(|_| ConnectError::Timeout(settings.connect_timeout))??;
+    // With TLS 1.3 the client's side of the handshake ends before Redis has
+    // checked pubwarden's certificate: a refusal (tls-auth-clients yes and no
+    // or a wrong certificate) only arrives with the first read. One round
+    // trip here turns it into a handshake error the client is told about,
+    // instead of a silent close after its first command. AUTH is that round
+    // trip when pubwarden has credentials; otherwise a PING, whose answer
+    // (PONG, or NOAUTH when clients bring their own credentials) is dropped.
+    let probe = match auth_command(settings) {
+        Some(auth) => Some(auth),
+        None if settings.tls.is_some() => Some(Bytes::from_static(b"*1\r\n$4\r\nPING\r\n")),
+        None => None,
+    };
+    if let Some(command) = probe {
+        let is_auth = settings.password.is_some();
+        let answered = tokio::time::timeout(
+            settings.connect_timeout,
+            round_trip(&mut stream, &command, is_auth),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout(settings.connect_timeout))?;
+        answered.map_err(|e| match e {
+            ConnectError::Io(io) => tls_error(io),
+            other => other,
+        })?;
     }
     Ok(stream)
+}
+
+/// An I/O error that is really TLS refusing (an alert from Redis) is
+/// reported as a handshake failure.
+fn tls_error(e: io::Error) -> ConnectError {
+    if e.get_ref()
+        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+    {
+        ConnectError::Tls {
+            reason: crate::tls::failure_reason(&e),
+            message: crate::tls::describe(&e),
+        }
+    } else {
+        ConnectError::Io(e)
+    }
 }
 
 /// Process health as the admin endpoints report it.
