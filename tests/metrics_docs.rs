@@ -17,6 +17,9 @@ fn registry_families() -> BTreeMap<String, (String, String)> {
     m.audit_would_deny(&user, "subscribe", None);
     m.rate_limit_rejected("publishers");
     m.rate_limit_delayed("publishers", std::time::Duration::from_millis(5));
+    // TLS and Sentinel families whose series exist only when configured.
+    m.tls_certificate_expiry("listener", 0);
+    m.sentinel_master("mymaster", "127.0.0.1:6379", None);
     let text = m.render(false);
     let mut help = BTreeMap::new();
     let mut out = BTreeMap::new();

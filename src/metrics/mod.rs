@@ -290,6 +290,11 @@ pub struct Metrics {
     tls_expiry: Family<Labels, Gauge>,
     tls_reloads: [Counter; 2],
     tls_client_logins: [Counter; 2],
+
+    /// Sentinel (src/sentinel.rs).
+    sentinel_master: Family<Labels, Gauge>,
+    sentinel_failovers: Counter,
+    sentinel_last_follow: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 fn latency() -> AtomicHistogram {
@@ -523,6 +528,13 @@ impl Metrics {
             "pubwarden_tls_handshake_failures",
             "TLS handshakes that failed, by side (client, upstream) and reason",
         );
+        // Every side and reason from zero, so the first failure is a rate.
+        for side in ["client", "upstream"] {
+            for reason in crate::tls::FAILURE_REASONS {
+                let _ = tls_handshake_failures
+                    .get_or_create(&labels(&[("side", side), ("reason", reason)]));
+            }
+        }
         let tls_expiry = r.gauges(
             "pubwarden_tls_certificate_expiry_timestamp_seconds",
             "Unix time at which a configured certificate expires (a CA bundle: its earliest), by certificate",
@@ -535,6 +547,21 @@ impl Metrics {
             "pubwarden_tls_client_logins",
             "Verified client certificates by whether they named a policy user (mapped, unmapped)",
         );
+        let sentinel_master = r.gauges(
+            "pubwarden_sentinel_master",
+            "1 for the master pubwarden sends new connections to, by Sentinel master name and address",
+        );
+        let sentinel_failovers = r.counter(
+            "pubwarden_sentinel_failovers",
+            "Master changes pubwarden followed (Sentinel mode)",
+        );
+        let sentinel_last_follow = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "pubwarden_sentinel_last_follow_seconds",
+            "Time from the old master failing its checks (or +switch-master) to new connections going to the new master, at the last failover",
+            sentinel_last_follow.clone(),
+        );
+        let mut r = Reg(&mut registry);
         let span_drops_f = r.counters(
             "pubwarden_trace_spans_dropped",
             "Trace spans not exported, by reason (queue_full, export_failed)",
@@ -660,6 +687,9 @@ impl Metrics {
                 .map(|res| tls_reloads_f.get_or_create_owned(&labels(&[("result", res)]))),
             tls_client_logins: ["mapped", "unmapped"]
                 .map(|res| tls_logins_f.get_or_create_owned(&labels(&[("result", res)]))),
+            sentinel_master,
+            sentinel_failovers,
+            sentinel_last_follow,
         }
     }
 
@@ -909,6 +939,23 @@ impl Metrics {
     /// A verified client certificate did (or did not) name a policy user.
     pub fn tls_client_login(&self, mapped: bool) {
         self.tls_client_logins[usize::from(!mapped)].inc();
+    }
+
+    /// New connections now go to `address` (replacing `old`, if any).
+    pub fn sentinel_master(&self, name: &str, address: &str, old: Option<&str>) {
+        if let Some(old) = old {
+            self.sentinel_master
+                .remove(&labels(&[("master_name", name), ("address", old)]));
+        }
+        self.sentinel_master
+            .get_or_create(&labels(&[("master_name", name), ("address", address)]))
+            .set(1);
+    }
+
+    /// A failover was followed, `took` after the old master stopped answering.
+    pub fn sentinel_failover(&self, took: Duration) {
+        self.sentinel_failovers.inc();
+        self.sentinel_last_follow.set(took.as_secs_f64());
     }
 
     /// A configuration reload finished.

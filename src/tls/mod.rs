@@ -21,6 +21,18 @@ pub use settings::{ClientAuth, ListenerTls, UpstreamTls};
 
 use crate::metrics::Metrics;
 
+/// Every value [`failure_reason`] returns.
+pub const FAILURE_REASONS: [&str; 8] = [
+    "unknown_ca",
+    "bad_certificate",
+    "expired",
+    "no_certificate",
+    "name_mismatch",
+    "protocol",
+    "timeout",
+    "io",
+];
+
 /// Why a handshake failed, as the `reason` label of
 /// `pubwarden_tls_handshake_failures_total`.
 pub fn failure_reason(e: &io::Error) -> &'static str {
