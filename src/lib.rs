@@ -59,6 +59,7 @@ pub mod policy;
 pub mod proxy;
 pub mod reply;
 pub mod resp;
+pub mod sentinel;
 pub mod session;
 pub mod telemetry;
 pub mod tls;
@@ -153,7 +154,7 @@ pub async fn run(
     tracing::info!(
         listen = %plain_listener.as_ref().map_or("-".to_string(), |_| settings.listen.to_string()),
         tls_listen = %settings.tls.as_ref().map_or("-".to_string(), |t| t.listen.to_string()),
-        upstream = %settings.upstream.address,
+        upstream = %settings.upstream.describe(),
         upstream_tls = settings.upstream.tls.is_some(),
         admin = %settings.admin.listen,
         version = env!("CARGO_PKG_VERSION"),
@@ -166,7 +167,7 @@ pub async fn run(
         .is_some_and(|t| t.insecure_skip_verify)
     {
         tracing::warn!(
-            upstream = %settings.upstream.address,
+            upstream = %settings.upstream.describe(),
             "upstream.tls.insecure_skip_verify is on: Redis's certificate is NOT verified; anyone on the path to Redis can read and change the traffic"
         );
     }
@@ -174,11 +175,16 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let (drain_tx, drain_rx) = watch::channel(None);
     let drain_timeout = settings.shutdown.drain_timeout;
+    let metrics = Arc::new(metrics::Metrics::new(&settings.metrics));
+    let follower = settings
+        .upstream
+        .sentinel
+        .is_some()
+        .then(|| tokio::spawn(sentinel::follow(settings.upstream.clone(), metrics.clone())));
     let checker = tokio::spawn(upstream::watch_health(
         settings.upstream.clone(),
         health.clone(),
     ));
-    let metrics = Arc::new(metrics::Metrics::new(&settings.metrics));
     let policy = policy.map(|p| {
         Arc::new(policy::gate::PolicyRuntime::new(
             p,
@@ -221,7 +227,12 @@ pub async fn run(
     let learner = policy
         .clone()
         .map(|rt| tokio::spawn(learn_commands(settings.upstream.clone(), rt)));
-    let traces = telemetry::Tracing::start(&settings.tracing, &settings.upstream.address, &metrics)
+    // Spans name the server; in Sentinel mode that is the master's name.
+    let upstream_name = settings.upstream.sentinel.as_ref().map_or_else(
+        || settings.upstream.address.clone(),
+        |s| s.master_name.clone(),
+    );
+    let traces = telemetry::Tracing::start(&settings.tracing, &upstream_name, &metrics)
         .context("cannot set up trace export (telemetry.tracing)")?;
     let shared = Arc::new(
         proxy::Shared::new(settings, health.clone(), drain_rx)
@@ -259,6 +270,9 @@ pub async fn run(
         );
     }
     checker.abort();
+    if let Some(f) = follower {
+        f.abort();
+    }
     admin.abort();
     if let Some(learner) = learner {
         learner.abort();

@@ -180,6 +180,8 @@ enum Closed {
     AuthTimeout,
     IdleTimeout,
     PolicyRevoked,
+    /// Sentinel named a new master; this connection's Redis was the old one.
+    Failover,
 }
 
 impl Closed {
@@ -197,6 +199,7 @@ impl Closed {
             Closed::AuthTimeout => "no AUTH within auth_timeout",
             Closed::IdleTimeout => "idle_timeout",
             Closed::PolicyRevoked => "policy reload revoked access",
+            Closed::Failover => "master changed (Sentinel failover)",
         }
     }
 
@@ -206,6 +209,7 @@ impl Closed {
             Closed::ByUpstream => Some(UpstreamError::Closed),
             Closed::UpstreamIo => Some(UpstreamError::Io),
             Closed::UpstreamProtocolError => Some(UpstreamError::Protocol),
+            Closed::Failover => Some(UpstreamError::Closed),
             _ => None,
         }
     }
@@ -321,6 +325,13 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
         },
         None => None,
     };
+    // Subscribed before connecting: a failover during the connect is seen.
+    let failovers = shared
+        .settings
+        .upstream
+        .sentinel
+        .as_ref()
+        .map(|_| shared.settings.upstream.target.changes());
     let upstream = match upstream::connect_relay(&shared.settings.upstream, &shared.health).await {
         Ok(s) => {
             shared.metrics.upstream_connected();
@@ -337,10 +348,10 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
                 );
             }
             shared.metrics.client_rejected();
-            tracing::warn!(%peer, upstream = %shared.settings.upstream.address, error = %e, "refusing client: upstream unavailable");
+            tracing::warn!(%peer, upstream = %shared.settings.upstream.describe(), error = %e, "refusing client: upstream unavailable");
             refuse(
                 client,
-                reply::upstream_unavailable(&shared.settings.upstream.address, &e.to_string()),
+                reply::upstream_unavailable(&shared.settings.upstream.describe(), &e.to_string()),
             )
             .await;
             return;
@@ -350,6 +361,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
     let reloads = shared.policy.as_ref().map(|p| p.reloads());
     let mut conn = Conn::new(into_transport(client), upstream, &shared.settings);
     conn.reloads = reloads;
+    conn.failovers = failovers;
     conn.closes = Some(shared.metrics.clone());
     if let Some(gate) = &gate {
         conn.parser.set_unauthenticated(!gate.authenticated());
@@ -523,6 +535,9 @@ struct Conn {
     logins_seen: u64,
     /// Policy reloads, to re-check an idle connection's standing at once.
     reloads: Option<watch::Receiver<u64>>,
+    /// Master changes in Sentinel mode: this connection's Redis is no
+    /// longer the master.
+    failovers: Option<watch::Receiver<u64>>,
     /// Where pubwarden's own closes are counted.
     closes: Option<Arc<Metrics>>,
     limits: crate::config::Limits,
@@ -573,6 +588,7 @@ impl Conn {
             hold: None,
             logins_seen: 0,
             reloads: None,
+            failovers: None,
             closes: None,
             limits: settings.limits.clone(),
             over_soft_since: None,
@@ -595,6 +611,8 @@ impl Conn {
         let mut drain_signal = std::pin::pin!(drain_deadline(drain));
         let mut reload_signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             Box::pin(next_reload(self.reloads.clone()));
+        let mut failover_signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            Box::pin(next_change(self.failovers.clone()));
         loop {
             if let Some(reason) = self.finished() {
                 return reason;
@@ -662,6 +680,14 @@ impl Conn {
                     reload_signal = Box::pin(next_reload(self.reloads.clone()));
                     self.recheck_policy()
                 }
+                _ = &mut failover_signal, if self.failovers.is_some() => {
+                    // Seen: a re-subscription connects to the new master.
+                    if let Some(rx) = &mut self.failovers {
+                        rx.borrow_and_update();
+                    }
+                    failover_signal = Box::pin(next_change(self.failovers.clone()));
+                    Err(Closed::Failover)
+                }
                 _ = tokio::time::sleep_until(self.auth_deadline), if auth_pending => {
                     self.count_close(ClientClose::AuthTimeout);
                     Err(Closed::AuthTimeout)
@@ -676,7 +702,10 @@ impl Conn {
             if let Err(reason) = result {
                 if matches!(
                     reason,
-                    Closed::ByUpstream | Closed::UpstreamIo | Closed::UpstreamProtocolError
+                    Closed::ByUpstream
+                        | Closed::UpstreamIo
+                        | Closed::UpstreamProtocolError
+                        | Closed::Failover
                 ) && self.may_resubscribe()
                 {
                     self.flush_client_before_close().await;
@@ -685,7 +714,10 @@ impl Conn {
                         Err(reason) => return reason,
                     }
                 }
-                if matches!(reason, Closed::ByUpstream | Closed::UpstreamProtocolError) {
+                if matches!(
+                    reason,
+                    Closed::ByUpstream | Closed::UpstreamProtocolError | Closed::Failover
+                ) {
                     self.flush_client_before_close().await;
                 }
                 return reason;
@@ -1341,6 +1373,20 @@ async fn next_reload(rx: Option<watch::Receiver<u64>>) {
     match rx {
         Some(mut rx) => {
             rx.borrow_and_update();
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at the next change `rx` has not seen (never without one). A
+/// clone keeps what its source has seen, so a change between subscribing
+/// and waiting is not missed.
+async fn next_change(rx: Option<watch::Receiver<u64>>) {
+    match rx {
+        Some(mut rx) => {
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }

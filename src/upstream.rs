@@ -49,6 +49,9 @@ pub enum ConnectError {
         reason: &'static str,
         message: String,
     },
+    /// Sentinel mode, and no master has been found yet.
+    #[error("no master found through Sentinel yet")]
+    NoMaster,
     /// Recent connects all failed; not trying again for a moment.
     #[error("connects keep failing; retrying shortly")]
     CircuitOpen,
@@ -139,9 +142,10 @@ pub async fn connect_relay(settings: &Upstream, health: &Health) -> Result<Strea
 /// Opens one relay connection to Redis (TLS handshake included), bounded by
 /// the connect timeout.
 pub async fn connect(settings: &Upstream) -> Result<Stream, ConnectError> {
+    let address = settings.current_address().ok_or(ConnectError::NoMaster)?;
     let tcp = tokio::time::timeout(
         settings.connect_timeout,
-        TcpStream::connect(&settings.address),
+        TcpStream::connect(address.as_str()),
     )
     .await
     .map_err(|_| ConnectError::Timeout(settings.connect_timeout))??;
@@ -149,7 +153,7 @@ pub async fn connect(settings: &Upstream) -> Result<Stream, ConnectError> {
     let mut stream = match &settings.tls {
         None => Stream::Left(tcp),
         Some(tls) => {
-            let name = crate::tls::server_name(tls, &settings.address)?;
+            let name = crate::tls::server_name(tls, &address)?;
             let connector = tokio_rustls::TlsConnector::from(tls.live.config());
             let handshake =
                 tokio::time::timeout(settings.connect_timeout, connector.connect(name, tcp))
@@ -334,40 +338,75 @@ async fn probe(settings: &Upstream) -> Result<(), String> {
     }
 }
 
+/// Reads whole replies off a connection pubwarden uses for itself
+/// (COMMAND, Sentinel queries), bounded in size.
+pub struct Replies {
+    buf: Vec<u8>,
+    scanner: crate::resp::frame::FrameScanner,
+    max: usize,
+}
+
+impl Replies {
+    pub fn new(max: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            scanner: crate::resp::frame::FrameScanner::new(16),
+            max,
+        }
+    }
+
+    /// The next reply (or push message).
+    pub async fn next(&mut self, stream: &mut Stream) -> Result<crate::resp::value::Value, String> {
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            if !self.buf.is_empty()
+                && let Some(frame) = self.scanner.next(&self.buf, 0).map_err(|e| e.to_string())?
+            {
+                let value = crate::resp::value::decode(&self.buf[..frame.end], 16)
+                    .map_err(|e| e.to_string())?;
+                self.buf.drain(..frame.end);
+                self.scanner = crate::resp::frame::FrameScanner::new(16);
+                return Ok(value);
+            }
+            let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("the connection was closed".to_string());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            if self.buf.len() > self.max {
+                return Err("reply too large".to_string());
+            }
+        }
+    }
+}
+
+/// Sends one command and reads its reply.
+pub async fn request(
+    stream: &mut Stream,
+    replies: &mut Replies,
+    args: &[&[u8]],
+) -> Result<crate::resp::value::Value, String> {
+    stream
+        .write_all(&crate::resp::encode_command(args))
+        .await
+        .map_err(|e| e.to_string())?;
+    replies.next(stream).await
+}
+
 /// Asks Redis for its command table (`COMMAND`), so policy knows every
 /// command this server has, modules included.
 pub async fn fetch_command_table(
     settings: &Upstream,
 ) -> Result<crate::policy::commands::CommandTable, String> {
-    use crate::resp::frame::FrameScanner;
-    const MAX_REPLY: usize = 16 * 1024 * 1024;
     let mut s = connect(settings).await.map_err(|e| e.to_string())?;
     let read = async {
-        s.write_all(b"*1\r\n$7\r\nCOMMAND\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::with_capacity(256 * 1024);
-        let mut scanner = FrameScanner::new(16);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("Redis closed the connection during COMMAND".to_string());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.len() > MAX_REPLY {
-                return Err("COMMAND reply too large".to_string());
-            }
-            if let Some(frame) = scanner.next(&buf, 0).map_err(|e| e.to_string())? {
-                let value =
-                    crate::resp::value::decode(&buf[..frame.end], 16).map_err(|e| e.to_string())?;
-                if let crate::resp::value::Value::Error(e) = &value {
-                    return Err(String::from_utf8_lossy(e).into_owned());
-                }
-                return crate::policy::commands::from_command_reply(&value)
-                    .ok_or_else(|| "COMMAND reply not understood".to_string());
-            }
+        let mut replies = Replies::new(16 * 1024 * 1024);
+        let value = request(&mut s, &mut replies, &[b"COMMAND"]).await?;
+        if let crate::resp::value::Value::Error(e) = &value {
+            return Err(String::from_utf8_lossy(e).into_owned());
         }
+        crate::policy::commands::from_command_reply(&value)
+            .ok_or_else(|| "COMMAND reply not understood".to_string())
     };
     tokio::time::timeout(Duration::from_secs(10), read)
         .await

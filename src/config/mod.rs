@@ -64,6 +64,32 @@ pub struct Upstream {
     pub resubscribe_channels: Vec<String>,
     /// TLS to Redis (`upstream.tls`, or a `rediss://` address).
     pub tls: Option<crate::tls::UpstreamTls>,
+    /// `mode: sentinel`: the master is found and followed through Sentinel.
+    pub sentinel: Option<crate::sentinel::SentinelSettings>,
+    /// Where connections go now (the Sentinel-discovered master); not a setting.
+    pub target: crate::sentinel::Target,
+}
+
+impl Upstream {
+    /// The address to connect to now: the discovered master in Sentinel
+    /// mode (`None` until one is found), else `address`.
+    pub fn current_address(&self) -> Option<String> {
+        match &self.sentinel {
+            Some(_) => self.target.current(),
+            None => Some(self.address.clone()),
+        }
+    }
+
+    /// For logs and client errors.
+    pub fn describe(&self) -> String {
+        match &self.sentinel {
+            Some(s) => match self.target.current() {
+                Some(a) => format!("{a} (Sentinel master `{}`)", s.master_name),
+                None => format!("Sentinel master `{}` (not found yet)", s.master_name),
+            },
+            None => self.address.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -135,6 +161,8 @@ impl Default for Settings {
                 resubscribe_for: Duration::from_secs(60),
                 resubscribe_channels: Vec::new(),
                 tls: None,
+                sentinel: None,
+                target: crate::sentinel::Target::default(),
             },
             admin: Admin {
                 listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
@@ -233,6 +261,39 @@ fn host_port(text: &str) -> Result<String, String> {
     Ok(t.to_string())
 }
 
+/// A password given as `{env: VAR}` or `{file: PATH}` at `key` of `parent`.
+fn secret(r: &mut Reader, parent: &Option<yaml::MapView<'_>>, path: &str) -> Option<Secret> {
+    let key = path.rsplit('.').next().unwrap_or(path);
+    let pw = r.section(parent, key, &["env", "file"]);
+    if !pw
+        .as_ref()
+        .is_some_and(|m| m.get("env").is_some() || m.get("file").is_some())
+    {
+        return None;
+    }
+    let env = r.field(&pw, "env", |t| Ok(t.trim().to_string()));
+    let file = r.field(&pw, "file", |t| Ok(t.trim().to_string()));
+    let source = match (env, file) {
+        (Some(v), None) => SecretSource::Env(v),
+        (None, Some(f)) => SecretSource::File(f),
+        _ => {
+            r.error(path, Pos::default(), "give exactly one of env or file");
+            return None;
+        }
+    };
+    Secret::load(source, None)
+        .map_err(|e| r.error(path, Pos::default(), e))
+        .ok()
+}
+
+fn user_name(t: &str) -> Result<String, String> {
+    if t.trim().is_empty() || t.contains(char::is_whitespace) {
+        Err("must be a Redis user name without spaces".into())
+    } else {
+        Ok(t.trim().to_string())
+    }
+}
+
 fn log_format(text: &str) -> Result<LogFormat, String> {
     match text.trim() {
         "text" => Ok(LogFormat::Text),
@@ -313,8 +374,27 @@ impl Settings {
                 "resubscribe_for",
                 "resubscribe_channels",
                 "tls",
+                "mode",
+                "sentinel",
             ],
         );
+        let sentinel_mode = r
+            .field(&up, "mode", |t| match t.trim() {
+                "standalone" => Ok(false),
+                "sentinel" => Ok(true),
+                other => Err(format!(
+                    "`{other}` is not an upstream mode (use standalone or sentinel)"
+                )),
+            })
+            .unwrap_or(false);
+        s.upstream.sentinel = read_sentinel(&mut r, &up, sentinel_mode);
+        if sentinel_mode && up.as_ref().and_then(|m| m.get("address")).is_some() {
+            r.error(
+                "upstream.address",
+                Pos::default(),
+                "is found through Sentinel in mode: sentinel; remove it",
+            );
+        }
         if let Some((node, path)) = up.as_ref().and_then(|m| m.get("resubscribe_channels")) {
             s.upstream.resubscribe_channels =
                 r.strings(node, &path, "channel globs, e.g. [\"orders.*\"]");
@@ -348,39 +428,8 @@ impl Settings {
             s.upstream.health_check_interval = v;
         }
 
-        s.upstream.username = r.field(&up, "username", |t| {
-            if t.trim().is_empty() || t.contains(char::is_whitespace) {
-                Err("must be a Redis user name without spaces".into())
-            } else {
-                Ok(t.trim().to_string())
-            }
-        });
-        let pw = r.section(&up, "password", &["env", "file"]);
-        if pw
-            .as_ref()
-            .is_some_and(|m| m.get("env").is_some() || m.get("file").is_some())
-        {
-            let env = r.field(&pw, "env", |t| Ok(t.trim().to_string()));
-            let file = r.field(&pw, "file", |t| Ok(t.trim().to_string()));
-            let source = match (env, file) {
-                (Some(v), None) => Some(SecretSource::Env(v)),
-                (None, Some(f)) => Some(SecretSource::File(f)),
-                _ => {
-                    r.error(
-                        "upstream.password",
-                        Pos::default(),
-                        "give exactly one of env or file",
-                    );
-                    None
-                }
-            };
-            if let Some(source) = source {
-                match Secret::load(source, None) {
-                    Ok(secret) => s.upstream.password = Some(secret),
-                    Err(e) => r.error("upstream.password", Pos::default(), e),
-                }
-            }
-        }
+        s.upstream.username = r.field(&up, "username", user_name);
+        s.upstream.password = secret(&mut r, &up, "upstream.password");
         if s.upstream.username.is_some() && s.upstream.password.is_none() {
             r.error(
                 "upstream.username",
@@ -595,13 +644,118 @@ impl Settings {
     }
 }
 
+/// `upstream.sentinel`, required in `mode: sentinel` and refused otherwise.
+fn read_sentinel(
+    r: &mut Reader,
+    up: &Option<yaml::MapView<'_>>,
+    sentinel_mode: bool,
+) -> Option<crate::sentinel::SentinelSettings> {
+    let present = up.as_ref().and_then(|m| m.get("sentinel")).is_some();
+    if !sentinel_mode {
+        if present {
+            r.error(
+                "upstream.sentinel",
+                Pos::default(),
+                "is read only with upstream.mode: sentinel",
+            );
+        }
+        return None;
+    }
+    let m = r.section(
+        up,
+        "sentinel",
+        &[
+            "master_name",
+            "addresses",
+            "username",
+            "password",
+            "tls",
+            "check_interval",
+        ],
+    );
+    let master_name = r.field(&m, "master_name", |t| {
+        let t = t.trim();
+        if t.is_empty() || t.contains(char::is_whitespace) {
+            Err("must be the master's name in Sentinel, without spaces".into())
+        } else {
+            Ok(t.to_string())
+        }
+    });
+    let mut addresses = Vec::new();
+    if let Some((node, path)) = m.as_ref().and_then(|mm| mm.get("addresses")) {
+        for (item, item_path) in r.items(node, &path, "Sentinel host:port addresses") {
+            if let Some(text) = r.scalar(item, &item_path) {
+                match host_port(text) {
+                    Ok(a) => addresses.push(a),
+                    Err(e) => r.error(&item_path, item.pos, e),
+                }
+            }
+        }
+    }
+    let username = r.field(&m, "username", user_name);
+    let password = secret(r, &m, "upstream.sentinel.password");
+    let tls = crate::tls::settings::read_client(r, &m, None, "upstream.sentinel.tls");
+    let check_interval = r
+        .field(&m, "check_interval", |t| {
+            yaml::duration(t).and_then(positive)
+        })
+        .unwrap_or(Duration::from_secs(1));
+    if master_name.is_none() {
+        r.error(
+            "upstream.sentinel.master_name",
+            Pos::default(),
+            "is required in mode: sentinel",
+        );
+    }
+    if addresses.is_empty() {
+        r.error(
+            "upstream.sentinel.addresses",
+            Pos::default(),
+            "list at least one Sentinel (host:port); three or more in production",
+        );
+    }
+    if username.is_some() && password.is_none() {
+        r.error(
+            "upstream.sentinel.username",
+            Pos::default(),
+            "needs upstream.sentinel.password",
+        );
+    }
+    Some(crate::sentinel::SentinelSettings {
+        master_name: master_name?,
+        addresses,
+        username,
+        password,
+        tls,
+        check_interval,
+    })
+}
+
 /// The effective settings as YAML, for `check-config`.
 impl fmt::Display for Settings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = |d: Duration| format!("{}ms", d.as_millis());
         writeln!(f, "listen: {}", self.listen)?;
         writeln!(f, "upstream:")?;
-        writeln!(f, "  address: {}", self.upstream.address)?;
+        match &self.upstream.sentinel {
+            None => writeln!(f, "  address: {}", self.upstream.address)?,
+            Some(s) => {
+                writeln!(f, "  mode: sentinel")?;
+                writeln!(f, "  sentinel:")?;
+                writeln!(f, "    master_name: {}", s.master_name)?;
+                writeln!(f, "    addresses: [{}]", s.addresses.join(", "))?;
+                if let Some(u) = &s.username {
+                    writeln!(f, "    username: {u}")?;
+                }
+                if let Some(p) = &s.password {
+                    writeln!(f, "    password: {p}")?;
+                }
+                if let Some(tls) = &s.tls {
+                    crate::tls::settings::print_upstream(f, tls, "    ")?;
+                }
+                writeln!(f, "    check_interval: {}", d(s.check_interval))?;
+            }
+        }
         writeln!(f, "  connect_timeout: {}", d(self.upstream.connect_timeout))?;
         writeln!(
             f,
@@ -624,7 +778,7 @@ impl fmt::Display for Settings {
             .collect();
         writeln!(f, "  resubscribe_channels: [{}]", globs.join(", "))?;
         if let Some(tls) = &self.upstream.tls {
-            crate::tls::settings::print_upstream(f, tls)?;
+            crate::tls::settings::print_upstream(f, tls, "  ")?;
         }
         writeln!(f, "admin:")?;
         writeln!(f, "  listen: {}", self.admin.listen)?;
@@ -687,6 +841,49 @@ mod tests {
         let mut loaded = Settings::load(&path, &Overrides::default()).unwrap();
         assert_eq!(loaded.source.take(), Some(path));
         assert_eq!(loaded, Settings::default());
+    }
+
+    #[test]
+    fn sentinel_mode() {
+        let s = Settings::from_yaml(
+            "upstream:\n  mode: sentinel\n  sentinel:\n    master_name: mymaster\n    addresses: [\"10.0.0.1:26379\", \"sentinel-2:26379\"]\n    check_interval: 500ms\n",
+            &Overrides::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let sentinel = s.upstream.sentinel.as_ref().expect("sentinel settings");
+        assert_eq!(sentinel.addresses, ["10.0.0.1:26379", "sentinel-2:26379"]);
+        assert_eq!(sentinel.check_interval, Duration::from_millis(500));
+        assert_eq!(
+            s.upstream.current_address(),
+            None,
+            "no master before discovery"
+        );
+        assert!(s.upstream.describe().contains("mymaster"));
+        let again = Settings::from_yaml(&s.to_string(), &Overrides::default()).expect("reparse");
+        assert_eq!(again, s);
+
+        let e = Settings::from_yaml(
+            "upstream:\n  address: 10.0.0.1:6379\n  mode: sentinel\n  sentinel:\n    addresses: [nowhere]\n",
+            &Overrides::default(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        for want in [
+            "upstream.address",
+            "upstream.sentinel.master_name",
+            "upstream.sentinel.addresses[0]",
+        ] {
+            assert!(e.contains(want), "{want} missing in: {e}");
+        }
+        let e = Settings::from_yaml(
+            "upstream:\n  sentinel:\n    master_name: m\n",
+            &Overrides::default(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(e.contains("only with upstream.mode: sentinel"), "{e}");
     }
 
     #[test]

@@ -250,10 +250,21 @@ pub fn read_upstream(
     up: &Option<MapView<'_>>,
     scheme_tls: Option<bool>,
 ) -> Option<UpstreamTls> {
+    read_client(r, up, scheme_tls, "upstream.tls")
+}
+
+/// Reads a client-side TLS section (`upstream.tls`, `upstream.sentinel.tls`)
+/// at `at`, a `tls` key of `parent`.
+pub fn read_client(
+    r: &mut Reader,
+    up: &Option<MapView<'_>>,
+    scheme_tls: Option<bool>,
+    at: &str,
+) -> Option<UpstreamTls> {
     let present = up.as_ref().and_then(|m| m.get("tls")).is_some();
     if scheme_tls == Some(false) && present {
         r.error(
-            "upstream.tls",
+            at,
             Pos::default(),
             "upstream.address says redis:// (plaintext): use rediss:// or a plain host:port with upstream.tls",
         );
@@ -287,22 +298,22 @@ pub fn read_upstream(
         .unwrap_or(false);
     match (&cert_file, &key_file) {
         (Some(_), None) => r.error(
-            "upstream.tls.cert_file",
+            &format!("{at}.cert_file"),
             Pos::default(),
-            "needs upstream.tls.key_file",
+            format!("needs {at}.key_file"),
         ),
         (None, Some(_)) => r.error(
-            "upstream.tls.key_file",
+            &format!("{at}.key_file"),
             Pos::default(),
-            "needs upstream.tls.cert_file",
+            format!("needs {at}.cert_file"),
         ),
         _ => {}
     }
     if insecure_skip_verify && ca_file.is_some() {
         r.error(
-            "upstream.tls.insecure_skip_verify",
+            &format!("{at}.insecure_skip_verify"),
             Pos::default(),
-            "contradicts upstream.tls.ca_file (verification against it would be skipped)",
+            format!("contradicts {at}.ca_file (verification against it would be skipped)"),
         );
     }
     let built = material::client_config(
@@ -310,7 +321,7 @@ pub fn read_upstream(
         cert_file.as_deref().zip(key_file.as_deref()),
         insecure_skip_verify,
     )
-    .map_err(|e| report(r, "upstream.tls", e))
+    .map_err(|e| report(r, at, e))
     .ok()?;
     Some(UpstreamTls {
         ca_file,
@@ -353,26 +364,28 @@ pub fn print_listener(f: &mut fmt::Formatter<'_>, s: &ListenerTls) -> fmt::Resul
     writeln!(f, "  only: {}", s.only)
 }
 
-/// `check-config`'s view of `upstream.tls:`.
-pub fn print_upstream(f: &mut fmt::Formatter<'_>, s: &UpstreamTls) -> fmt::Result {
-    writeln!(f, "  tls:")?;
+/// `check-config`'s view of `upstream.tls:` (and, indented further,
+/// `upstream.sentinel.tls:`).
+pub fn print_upstream(f: &mut fmt::Formatter<'_>, s: &UpstreamTls, indent: &str) -> fmt::Result {
+    writeln!(f, "{indent}tls:")?;
+    let i = format!("{indent}  ");
     if let Some(ca) = &s.ca_file {
-        writeln!(f, "    ca_file: {}", ca.display())?;
+        writeln!(f, "{i}ca_file: {}", ca.display())?;
     }
     if let Some(n) = &s.server_name {
-        writeln!(f, "    server_name: {n}")?;
+        writeln!(f, "{i}server_name: {n}")?;
     }
     if let Some(c) = &s.cert_file {
-        writeln!(f, "    cert_file: {}", c.display())?;
+        writeln!(f, "{i}cert_file: {}", c.display())?;
     }
     if let Some(k) = &s.key_file {
-        writeln!(f, "    key_file: {}", k.display())?;
+        writeln!(f, "{i}key_file: {}", k.display())?;
     }
     if s.insecure_skip_verify {
         writeln!(
             f,
-            "    # WARNING: insecure_skip_verify is on: Redis's certificate is NOT verified;\n    # anyone between pubwarden and Redis can read and change the traffic."
+            "{i}# WARNING: insecure_skip_verify is on: the server's certificate is NOT verified;\n{i}# anyone on the path can read and change the traffic."
         )?;
     }
-    writeln!(f, "    insecure_skip_verify: {}", s.insecure_skip_verify)
+    writeln!(f, "{i}insecure_skip_verify: {}", s.insecure_skip_verify)
 }
