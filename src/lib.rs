@@ -191,6 +191,14 @@ pub async fn run(
             policy::commands::CommandTable::built_in(),
         ))
     });
+    if let Some(runtime) = &policy {
+        // Idle until a `scope: global` rule asks for tokens.
+        runtime.set_global_limits(policy::global::GlobalLimits::start(
+            settings.global_rate_limits.clone(),
+            settings.upstream.clone(),
+            metrics.clone(),
+        ));
+    }
     let reloader = match (&policy, &settings.policy) {
         (Some(runtime), Some(path)) => Some(Arc::new(policy::reload::Reloader::new(
             path.clone(),

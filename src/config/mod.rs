@@ -39,6 +39,8 @@ pub struct Settings {
     pub worker_threads: usize,
     /// `tls:`: a TLS listener for clients, if any.
     pub tls: Option<crate::tls::ListenerTls>,
+    /// Where `scope: global` rate limits keep their shared budgets.
+    pub global_rate_limits: crate::policy::global::GlobalSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -194,6 +196,7 @@ impl Default for Settings {
             source: None,
             worker_threads: 0,
             tls: None,
+            global_rate_limits: crate::policy::global::GlobalSettings::default(),
         }
     }
 }
@@ -351,8 +354,10 @@ impl Settings {
                 "telemetry",
                 "worker_threads",
                 "tls",
+                "global_rate_limits",
             ],
         );
+        s.global_rate_limits = read_global_limits(&mut r, &root);
         s.tls = crate::tls::settings::read_listener(&mut r, &root);
         if let Some(v) = r.field(&root, "worker_threads", yaml::number(0, 1024)) {
             s.worker_threads = v as usize;
@@ -644,6 +649,55 @@ impl Settings {
     }
 }
 
+/// `global_rate_limits`: lease size, store timeout, and the store (default:
+/// the upstream Redis).
+fn read_global_limits(
+    r: &mut Reader,
+    root: &Option<yaml::MapView<'_>>,
+) -> crate::policy::global::GlobalSettings {
+    let mut g = crate::policy::global::GlobalSettings::default();
+    let m = r.section(
+        root,
+        "global_rate_limits",
+        &["lease", "store_timeout", "store"],
+    );
+    if let Some(v) = r.field(&m, "lease", |t| yaml::duration(t).and_then(positive)) {
+        g.lease = v;
+    }
+    if let Some(v) = r.field(&m, "store_timeout", |t| {
+        yaml::duration(t).and_then(positive)
+    }) {
+        g.store_timeout = v;
+    }
+    if m.as_ref().and_then(|mm| mm.get("store")).is_some() {
+        let st = r.section(&m, "store", &["address", "username", "password", "tls"]);
+        let mut store = Settings::default().upstream;
+        let mut scheme = None;
+        match r.field(&st, "address", upstream_address) {
+            Some((a, s)) => {
+                store.address = a;
+                scheme = s;
+            }
+            None => r.error(
+                "global_rate_limits.store.address",
+                Pos::default(),
+                "is required (host:port or rediss://host:port); without a store section the upstream Redis is used",
+            ),
+        }
+        store.username = r.field(&st, "username", user_name);
+        store.password = secret(r, &st, "global_rate_limits.store.password");
+        store.tls =
+            crate::tls::settings::read_client(r, &st, scheme, "global_rate_limits.store.tls");
+        if scheme == Some(true) && store.tls.is_none() {
+            store.tls = crate::tls::settings::default_upstream()
+                .map_err(|e| r.error("global_rate_limits.store.address", Pos::default(), e))
+                .ok();
+        }
+        g.store = Some(store);
+    }
+    g
+}
+
 /// `upstream.sentinel`, required in `mode: sentinel` and refused otherwise.
 fn read_sentinel(
     r: &mut Reader,
@@ -823,6 +877,23 @@ impl fmt::Display for Settings {
             writeln!(f, "policy: {}", p.display())?;
         }
         writeln!(f, "worker_threads: {}", self.worker_threads)?;
+        let g = &self.global_rate_limits;
+        writeln!(f, "global_rate_limits:")?;
+        writeln!(f, "  lease: {}", d(g.lease))?;
+        writeln!(f, "  store_timeout: {}", d(g.store_timeout))?;
+        if let Some(store) = &g.store {
+            writeln!(f, "  store:")?;
+            writeln!(f, "    address: {}", store.address)?;
+            if let Some(u) = &store.username {
+                writeln!(f, "    username: {u}")?;
+            }
+            if let Some(p) = &store.password {
+                writeln!(f, "    password: {p}")?;
+            }
+            if let Some(tls) = &store.tls {
+                crate::tls::settings::print_upstream(f, tls, "    ")?;
+            }
+        }
         if let Some(tls) = &self.tls {
             crate::tls::settings::print_listener(f, tls)?;
         }

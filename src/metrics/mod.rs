@@ -295,6 +295,11 @@ pub struct Metrics {
     sentinel_master: Family<Labels, Gauge>,
     sentinel_failovers: Counter,
     sentinel_last_follow: Gauge<f64, std::sync::atomic::AtomicU64>,
+
+    /// Global rate limits (src/policy/global.rs).
+    global_leases: [Counter; 3],
+    global_store_up: Gauge,
+    global_fallbacks: Counters,
 }
 
 fn latency() -> AtomicHistogram {
@@ -562,6 +567,19 @@ impl Metrics {
             sentinel_last_follow.clone(),
         );
         let mut r = Reg(&mut registry);
+        let global_leases_f = r.counters(
+            "pubwarden_global_rate_limit_leases",
+            "Token leases asked of the shared rate-limit store, by result (granted, denied, error)",
+        );
+        let global_store_up = r.gauge(
+            "pubwarden_global_rate_limit_store_up",
+            "1 while the shared rate-limit store answers (global rate limits in force), 0 while rules fall back",
+        );
+        global_store_up.set(1);
+        let global_fallbacks = r.counters(
+            "pubwarden_global_rate_limit_fallbacks",
+            "Publishes decided without the shared store, by rule and action (local_share, rejected)",
+        );
         let span_drops_f = r.counters(
             "pubwarden_trace_spans_dropped",
             "Trace spans not exported, by reason (queue_full, export_failed)",
@@ -690,6 +708,10 @@ impl Metrics {
             sentinel_master,
             sentinel_failovers,
             sentinel_last_follow,
+            global_leases: ["granted", "denied", "error"]
+                .map(|res| global_leases_f.get_or_create_owned(&labels(&[("result", res)]))),
+            global_store_up,
+            global_fallbacks,
         }
     }
 
@@ -956,6 +978,28 @@ impl Metrics {
     pub fn sentinel_failover(&self, took: Duration) {
         self.sentinel_failovers.inc();
         self.sentinel_last_follow.set(took.as_secs_f64());
+    }
+
+    /// The shared store answered a lease request.
+    pub fn global_store_request(&self, granted: bool) {
+        self.global_leases[usize::from(!granted)].inc();
+    }
+
+    /// A lease request failed (store unreachable or too slow).
+    pub fn global_store_error(&self) {
+        self.global_leases[2].inc();
+    }
+
+    pub fn global_store_up(&self, up: bool) {
+        self.global_store_up.set(i64::from(up));
+    }
+
+    /// A global rule decided without the store: `action` is `local_share`
+    /// (fail_open) or `rejected` (fail_closed).
+    pub fn global_fallback(&self, rule: &str, action: &'static str) {
+        self.global_fallbacks
+            .get_or_create(&labels(&[("rule", rule), ("action", action)]))
+            .inc();
     }
 
     /// A configuration reload finished.

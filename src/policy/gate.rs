@@ -14,7 +14,12 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 
 use super::commands::{CommandTable, Source};
+use super::global::Take;
 use super::ratelimit::{Budget, Decision, Limiter};
+use super::{Scope, StoreFailure};
+
+/// How long a publish waits for a global rule's lease before asking again.
+const LEASE_WAIT: Duration = Duration::from_millis(1);
 use super::{Mode, OnLimit, Policy, User};
 use crate::command::{Command, Kind, SubKind};
 use crate::metrics::{AuthFailure, Metrics, UserLabel};
@@ -89,6 +94,8 @@ pub struct PolicyRuntime {
     epoch: Instant,
     /// Bumped on every reload, so idle connections re-check their standing.
     generation: tokio::sync::watch::Sender<u64>,
+    /// The shared store for `scope: global` rate limits.
+    global: std::sync::OnceLock<Arc<super::global::GlobalLimits>>,
 }
 
 /// Client addresses whose failed AUTH attempts are tracked at once.
@@ -103,7 +110,13 @@ impl PolicyRuntime {
             auth_failures: Mutex::new(None),
             epoch: Instant::now(),
             generation: tokio::sync::watch::Sender::new(0),
+            global: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Connects global rate limits to their shared store.
+    pub fn set_global_limits(&self, global: Arc<super::global::GlobalLimits>) {
+        let _ = self.global.set(global);
     }
 
     /// Swaps in a new policy and tells every connection.
@@ -600,7 +613,8 @@ impl Gate {
                 let (channel, payload) = (args.get(1)?, args.get(2).map_or(0, |p| p.len() as u64));
                 let sharded = cmd.kind == Kind::SPublish;
                 let mut scratch = std::mem::take(&mut self.scratch);
-                let verdict = self.publish_limits(sharded, channel, payload, now_ns, &mut scratch);
+                let verdict =
+                    self.publish_limits(sharded, channel, payload, (now, now_ns), &mut scratch);
                 self.scratch = scratch;
                 verdict
             }
@@ -613,7 +627,7 @@ impl Gate {
         sharded: bool,
         channel: &[u8],
         payload: u64,
-        now_ns: u64,
+        (now, now_ns): (Instant, u64),
         scratch: &mut Vec<u8>,
     ) -> Option<Verdict> {
         let user = self.current_user()?;
@@ -622,7 +636,41 @@ impl Gate {
             if !rule.applies(sharded, channel) {
                 continue;
             }
-            match rule.spend(&user.name, channel, payload, now_ns, scratch) {
+            let decision = match rule.scope {
+                Scope::Local => rule.spend(&user.name, channel, payload, now_ns, scratch),
+                Scope::Global {
+                    on_store_failure, ..
+                } => {
+                    let take = match self.runtime.global.get() {
+                        Some(store) => rule.take_global(store, &user.name, channel, now, scratch),
+                        None => Take::StoreDown,
+                    };
+                    match take {
+                        Take::Token => Decision::Allow,
+                        // A lease is on its way; not a rate limit.
+                        Take::Wait => return Some(Verdict::Delay(LEASE_WAIT)),
+                        Take::Denied(wait) => Decision::RetryAfter(wait),
+                        Take::StoreDown => match on_store_failure {
+                            StoreFailure::FailOpen => {
+                                if let Some(m) = &self.metrics {
+                                    m.global_fallback(&rule.name, "local_share");
+                                }
+                                rule.spend(&user.name, channel, payload, now_ns, scratch)
+                            }
+                            StoreFailure::FailClosed => {
+                                if let Some(m) = &self.metrics {
+                                    m.global_fallback(&rule.name, "rejected");
+                                }
+                                return Some(Verdict::answer_owned(format!(
+                                    "-RATELIMIT rate limit '{}' cannot be checked: its shared store is unavailable\r\n",
+                                    rule.name
+                                )));
+                            }
+                        },
+                    }
+                }
+            };
+            match decision {
                 Decision::Allow => {}
                 Decision::TooLarge => {
                     if let Some(m) = &self.metrics {

@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod gate;
+pub mod global;
 pub mod ratelimit;
 pub mod reload;
 pub mod schema;
@@ -17,7 +18,7 @@ pub mod schema;
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -358,6 +359,29 @@ pub enum OnLimit {
     Delay(Duration),
 }
 
+/// Where a rule's budget lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// In this process.
+    Local,
+    /// Shared by every pubwarden, in Redis (see [`global`]).
+    Global {
+        /// How many pubwardens share it: this process's local share, used
+        /// when the store is unreachable, is `1/instances` of the budget.
+        instances: u64,
+        on_store_failure: StoreFailure,
+    },
+}
+
+/// What a global rule does while the shared store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// Enforce the local share.
+    FailOpen,
+    /// Refuse the rule's publishes.
+    FailClosed,
+}
+
 /// Keys one rule keeps before idle ones are forgotten and new ones share an
 /// overflow budget.
 pub const MAX_RATE_KEYS: usize = 100_000;
@@ -375,7 +399,11 @@ pub struct RateRule {
     pub burst: u64,
     pub key: KeyBy,
     pub on_limit: OnLimit,
+    /// Local: the budget. Global: the local share, for store outages.
     pub limiter: Mutex<Limiter<Box<[u8]>>>,
+    pub scope: Scope,
+    /// Global rules: leased tokens per key.
+    pub leases: Mutex<std::collections::HashMap<Box<[u8]>, Arc<global::Lease>>>,
 }
 
 impl RateRule {
@@ -384,16 +412,8 @@ impl RateRule {
             && self.channels.as_ref().is_none_or(|c| c.matches(channel))
     }
 
-    /// Spends this rule's budget; `scratch` holds the key so steady-state
-    /// checks do not allocate.
-    pub fn spend(
-        &self,
-        user: &str,
-        channel: &[u8],
-        payload: u64,
-        now_ns: u64,
-        scratch: &mut Vec<u8>,
-    ) -> Decision {
+    /// Builds this rule's key for `user` and `channel` in `scratch`.
+    fn key(&self, user: &str, channel: &[u8], scratch: &mut Vec<u8>) {
         scratch.clear();
         match self.key {
             KeyBy::User => scratch.extend_from_slice(user.as_bytes()),
@@ -406,10 +426,67 @@ impl RateRule {
             }
             KeyBy::Global => {}
         }
+    }
+
+    /// Spends this rule's local budget; `scratch` holds the key so
+    /// steady-state checks do not allocate.
+    pub fn spend(
+        &self,
+        user: &str,
+        channel: &[u8],
+        payload: u64,
+        now_ns: u64,
+        scratch: &mut Vec<u8>,
+    ) -> Decision {
+        self.key(user, channel, scratch);
         let Ok(mut limiter) = self.limiter.lock() else {
             return Decision::Allow;
         };
         limiter.check(&scratch[..], || Box::from(&scratch[..]), payload, now_ns)
+    }
+}
+
+impl RateRule {
+    /// Spends one token of the shared budget (`scope: global`).
+    pub fn take_global(
+        &self,
+        store: &global::GlobalLimits,
+        user: &str,
+        channel: &[u8],
+        now: std::time::Instant,
+        scratch: &mut Vec<u8>,
+    ) -> global::Take {
+        self.key(user, channel, scratch);
+        let lease = {
+            let Ok(mut leases) = self.leases.lock() else {
+                return global::Take::StoreDown;
+            };
+            match leases.get(&scratch[..]) {
+                Some(l) => l.clone(),
+                None => {
+                    if leases.len() >= MAX_RATE_KEYS {
+                        // Idle keys hold nothing worth keeping; past that,
+                        // new keys share one lease (as the local limiter does).
+                        leases.retain(|_, l| Arc::strong_count(l) > 1);
+                    }
+                    let k: Box<[u8]> = if leases.len() >= MAX_RATE_KEYS {
+                        Box::from(&b"\xff\xffoverflow"[..])
+                    } else {
+                        Box::from(&scratch[..])
+                    };
+                    leases.entry(k).or_default().clone()
+                }
+            }
+        };
+        let redis_key = || {
+            let mut k = Vec::with_capacity(24 + self.name.len() + scratch.len());
+            k.extend_from_slice(b"pubwarden:ratelimit:{");
+            k.extend_from_slice(self.name.as_bytes());
+            k.extend_from_slice(b"}:");
+            k.extend_from_slice(scratch);
+            k
+        };
+        store.take(&lease, redis_key, self.messages_per_second, self.burst, now)
     }
 }
 
@@ -598,6 +675,22 @@ impl Policy {
                 r.burst,
                 r.key.as_str()
             );
+            if let Scope::Global {
+                instances,
+                on_store_failure,
+            } = r.scope
+            {
+                let fallback = match on_store_failure {
+                    StoreFailure::FailOpen => {
+                        format!("each pubwarden enforces 1/{instances} of it alone (fail_open)")
+                    }
+                    StoreFailure::FailClosed => "its publishes are refused (fail_closed)".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "    shared by every pubwarden through Redis (scope global); while the store is unreachable {fallback}"
+                );
+            }
         }
         out
     }

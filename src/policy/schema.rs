@@ -9,7 +9,8 @@ use std::time::Duration;
 use super::commands::{CommandTable, category_bit};
 use super::ratelimit::{Budget, Limiter};
 use super::{
-    Channels, Cidr, CommandRules, KeyBy, Mode, OnLimit, Policy, RateRule, User, hash_password,
+    Channels, Cidr, CommandRules, KeyBy, Mode, OnLimit, Policy, RateRule, Scope, StoreFailure,
+    User, hash_password,
 };
 use crate::config::secret::{Secret, SecretSource};
 use crate::config::yaml::{self, ConfigError, ConfigErrors, MapView, Node, Pos, Reader, Value};
@@ -464,6 +465,9 @@ fn rate_rule(r: &mut Reader, node: &Node, path: &str) -> Option<RateRule> {
             "key",
             "on_limit",
             "max_delay",
+            "scope",
+            "instances",
+            "on_store_failure",
         ],
     );
     m.as_ref()?;
@@ -538,9 +542,51 @@ fn rate_rule(r: &mut Reader, node: &Node, path: &str) -> Option<RateRule> {
     let max_delay = r
         .field(&m, "max_delay", yaml::duration)
         .unwrap_or(Duration::from_millis(100));
+    let global = r
+        .field(&m, "scope", |t| match t.trim() {
+            "local" => Ok(false),
+            "global" => Ok(true),
+            other => Err(format!("`{other}` is not a scope (use local or global)")),
+        })
+        .unwrap_or(false);
+    let instances = r.field(&m, "instances", yaml::number(1, 100_000));
+    let on_store_failure = r.field(&m, "on_store_failure", |t| match t.trim() {
+        "fail_open" => Ok(StoreFailure::FailOpen),
+        "fail_closed" => Ok(StoreFailure::FailClosed),
+        other => Err(format!(
+            "`{other}` is not a store failure mode (use fail_open or fail_closed)"
+        )),
+    });
+    if !global && (instances.is_some() || on_store_failure.is_some()) {
+        r.error(
+            path,
+            node.pos,
+            "`instances` and `on_store_failure` apply only to `scope: global`",
+        );
+    }
+    if global && bytes.is_some() {
+        r.error(
+            path,
+            node.pos,
+            "`bytes_per_second` is not supported with `scope: global` (only messages are shared); use a local rule for bytes",
+        );
+    }
     let (name, messages) = (name?, messages?);
     let burst = burst.unwrap_or(messages);
-    let budget = Budget::new(messages, burst)?;
+    let scope = if global {
+        Scope::Global {
+            instances: instances.unwrap_or(1),
+            on_store_failure: on_store_failure.unwrap_or(StoreFailure::FailOpen),
+        }
+    } else {
+        Scope::Local
+    };
+    // A global rule's local limiter is its share, used while the store is down.
+    let share = |n: u64| match scope {
+        Scope::Global { instances, .. } => (n / instances).max(1),
+        Scope::Local => n,
+    };
+    let budget = Budget::new(share(messages), share(burst))?;
     // Bytes may arrive in one payload as large as a second's worth.
     let byte_budget = bytes.and_then(|b| Budget::new(b, b));
     Some(RateRule {
@@ -559,6 +605,8 @@ fn rate_rule(r: &mut Reader, node: &Node, path: &str) -> Option<RateRule> {
             OnLimit::Reject
         },
         limiter: Mutex::new(Limiter::new(budget, byte_budget, super::MAX_RATE_KEYS)),
+        scope,
+        leases: Mutex::new(std::collections::HashMap::new()),
     })
 }
 
