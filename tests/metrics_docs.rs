@@ -20,6 +20,7 @@ fn registry_families() -> BTreeMap<String, (String, String)> {
     // TLS and Sentinel families whose series exist only when configured.
     m.tls_certificate_expiry("listener", 0);
     m.sentinel_master("mymaster", "127.0.0.1:6379", None);
+    m.global_fallback("shared", "local_share");
     let text = m.render(false);
     let mut help = BTreeMap::new();
     let mut out = BTreeMap::new();
