@@ -2,17 +2,23 @@
 //! not installable on the CI machines; `helm lint` / `helm template` are for
 //! machines that have it, see docs/kubernetes.md):
 //!
-//! - the settings and policy the chart mounts, from the default values and
-//!   from the example app's values, pass `pubwarden check-config`;
-//! - values.yaml (and the example app's `pubwarden:` values) validate against
-//!   values.schema.json, and mistyped values are rejected;
+//! - the settings and policy the chart mounts, from every values file of
+//!   `VALUES_FILES` (the defaults, the example app's values, the TLS test
+//!   values under `helm/pubwarden/ci/`), pass `pubwarden check-config`, with
+//!   real PEM certificates and keys where the chart mounts TLS Secrets;
+//! - those values files validate against values.schema.json, and mistyped
+//!   values are rejected;
+//! - the settings keys the chart owns (TLS ones included) are refused in
+//!   `config.settings`;
 //! - every `.Values.x` the templates read exists in values.yaml;
 //! - every YAML and JSON file outside `templates/` parses;
 //! - the chart's copies of the alert rules and dashboards equal
 //!   `dashboards/`, and the rules pass `promtool check rules`.
 //!
 //! YAML and JSON Schema work is done by `helm/chart_check.py` (PyYAML and
-//! jsonschema; Debian: `apt-get install python3-yaml python3-jsonschema`).
+//! jsonschema; Debian: `apt-get install python3-yaml python3-jsonschema`);
+//! the test certificates by the `openssl` command it calls (Debian:
+//! `apt-get install openssl`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,6 +26,113 @@ use std::sync::OnceLock;
 
 const INSTALL_HINT: &str = "install them with `apt-get install -y python3-yaml python3-jsonschema` \
      (bash .ci/run does), or point PUBWARDEN_TEST_PYTHON at a python3 that has PyYAML and jsonschema";
+
+/// chart_check.py's exit status when the openssl command is missing.
+const NO_OPENSSL: i32 = 4;
+
+const OPENSSL_HINT: &str = "the chart checks make test certificates for the TLS Secrets the chart \
+     mounts with the openssl command; install it with `apt-get install -y openssl`";
+
+/// How a values file applies to the pubwarden chart.
+#[derive(Clone, Copy, Debug)]
+enum Applies {
+    /// It is the chart's values.yaml.
+    Chart,
+    /// Over the chart's values.yaml, as `helm install -f FILE` (and
+    /// chart-testing, for `ci/*-values.yaml`) does.
+    Over,
+    /// Its `pubwarden:` section, in an app chart that depends on this one.
+    Subchart,
+}
+
+/// A values file the chart is checked with, and lines `pubwarden
+/// check-config` must print for what the chart renders from it.
+struct ValuesFile {
+    /// Relative to the repository root.
+    path: &'static str,
+    applies: Applies,
+    expect: &'static [&'static str],
+}
+
+/// Every values file the chart checks run over. Each file under
+/// `helm/pubwarden/ci/` must be here (`ci_values_files_are_all_checked`).
+const VALUES_FILES: &[ValuesFile] = &[
+    ValuesFile {
+        path: "helm/pubwarden/values.yaml",
+        applies: Applies::Chart,
+        expect: &[
+            "listen: 0.0.0.0:6380",
+            "drain_timeout: 10000ms",
+            "No policy",
+        ],
+    },
+    ValuesFile {
+        path: "helm/example-app/values.yaml",
+        applies: Applies::Subchart,
+        expect: &[
+            // Sidecar: only the pod's own containers reach the RESP port.
+            "listen: 127.0.0.1:6380",
+            "policy: mode enforce",
+            "password: <redacted, from file",
+        ],
+    },
+    ValuesFile {
+        path: "helm/pubwarden/ci/tls-gateway-values.yaml",
+        applies: Applies::Over,
+        expect: &[
+            "listen: 0.0.0.0:6380",
+            // The TLS listener on the gateway's address, mTLS optional, the
+            // client CA from its own Secret; handshake_timeout passed through
+            // from config.settings.tls.
+            "\ntls:\n  listen: 0.0.0.0:6390\n",
+            "/etc/pubwarden/tls/tls.crt\n",
+            "/etc/pubwarden/tls/tls.key\n",
+            "client_ca_file: ",
+            "/etc/pubwarden/tls-client-ca/ca.crt\n",
+            "client_auth: optional",
+            "handshake_timeout: 3000ms",
+            "only: false",
+            // TLS to Redis with a CA, a name and a client certificate.
+            "/etc/pubwarden/upstream-ca/ca.crt\n",
+            "server_name: redis-master.redis.svc.cluster.local",
+            "/etc/pubwarden/upstream-client/tls.crt\n",
+            "/etc/pubwarden/upstream-client/tls.key\n",
+            "insecure_skip_verify: false",
+            "policy: mode enforce",
+        ],
+    },
+    ValuesFile {
+        path: "helm/pubwarden/ci/tls-sidecar-values.yaml",
+        applies: Applies::Over,
+        expect: &[
+            // Plaintext for the app in the pod; TLS on the pod's address.
+            "listen: 127.0.0.1:6380",
+            "\ntls:\n  listen: 0.0.0.0:6390\n",
+            // Client certificates verified against ca.crt of the same Secret.
+            "/etc/pubwarden/tls/ca.crt\n",
+            "client_auth: required",
+            "/etc/pubwarden/upstream-ca/server-ca.pem\n",
+            "insecure_skip_verify: false",
+            "No policy",
+        ],
+    },
+];
+
+impl ValuesFile {
+    fn path(&self) -> PathBuf {
+        root().join(self.path)
+    }
+
+    /// chart_check.py arguments that apply the file to the chart.
+    fn args(&self) -> Vec<String> {
+        let defaults = path_str(&chart().join("values.yaml")).to_string();
+        match self.applies {
+            Applies::Chart => vec![],
+            Applies::Over => vec!["--defaults".into(), defaults],
+            Applies::Subchart => vec!["--subchart".into(), "pubwarden".into(), defaults],
+        }
+    }
+}
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -72,6 +185,12 @@ fn run(cmd: &mut Command) -> Output {
     if out.status.code() == Some(3) {
         panic!(
             "{cmd:?}: {}; {INSTALL_HINT}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if out.status.code() == Some(NO_OPENSSL) {
+        panic!(
+            "{cmd:?}: {}; {OPENSSL_HINT}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -144,57 +263,232 @@ fn check_config(values: &Path, extra: &[&str], dir: &Path) -> String {
     text(&out)
 }
 
-#[test]
-fn default_values_pass_check_config() {
-    let dir = temp_dir("default");
-    let out = check_config(&chart().join("values.yaml"), &[], &dir);
-    assert!(out.contains("listen: 0.0.0.0:6380"), "{out}");
-    assert!(out.contains("drain_timeout: 10000ms"), "{out}");
-    assert!(out.contains("No policy"), "{out}");
-    // The default policy content is off by default; check it as if enabled.
-    let dir = temp_dir("default-policy");
-    let out = check_config(&chart().join("values.yaml"), &["--enable-policy"], &dir);
-    assert!(out.contains("policy: mode audit"), "{out}");
+/// `check_config` for one of `VALUES_FILES`, with its expectations.
+fn check_values_file(vf: &ValuesFile, extra: &[&str], dir: &Path) -> String {
+    let mut args: Vec<&str> = extra.to_vec();
+    let applies = vf.args();
+    args.extend(applies.iter().map(String::as_str));
+    let out = check_config(&vf.path(), &args, dir);
+    for needle in vf.expect {
+        assert!(
+            out.contains(needle),
+            "check-config output for {} lacks `{needle}`:\n{out}",
+            vf.path
+        );
+    }
+    out
 }
 
 #[test]
-fn example_app_values_pass_check_config() {
-    let dir = temp_dir("example");
+fn values_files_pass_check_config() {
+    for (i, vf) in VALUES_FILES.iter().enumerate() {
+        let dir = temp_dir(&format!("values-{i}"));
+        check_values_file(vf, &[], &dir);
+        match vf.applies {
+            Applies::Chart => {
+                // The default policy content is off by default; check it as if enabled.
+                let dir = temp_dir(&format!("values-{i}-policy"));
+                let out = check_config(&vf.path(), &["--enable-policy"], &dir);
+                assert!(out.contains("policy: mode audit"), "{out}");
+            }
+            Applies::Subchart => {
+                // The app's policy map replaces the chart's default policy (a
+                // string) whole: no audit-mode `default` user with @all is
+                // merged in.
+                let policy = read(&dir.join("policy.yaml"));
+                assert!(!policy.contains("audit"), "{policy}");
+            }
+            Applies::Over => {}
+        }
+    }
+}
+
+#[test]
+fn ci_values_files_are_all_checked() {
+    let ci = chart().join("ci");
+    let mut found = 0;
+    for entry in std::fs::read_dir(&ci).unwrap_or_else(|e| panic!("{}: {e}", ci.display())) {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with("-values.yaml"),
+            "helm/pubwarden/ci/{name}: chart-testing reads only *-values.yaml there"
+        );
+        let path = format!("helm/pubwarden/ci/{name}");
+        assert!(
+            VALUES_FILES.iter().any(|vf| vf.path == path),
+            "{path} is not in VALUES_FILES of tests/helm_chart.rs"
+        );
+        found += 1;
+    }
+    assert!(
+        found >= 2,
+        "the TLS test values are missing from helm/pubwarden/ci/"
+    );
+}
+
+#[test]
+fn tls_material_is_real_and_matching() {
+    // The render step writes real certificates where the chart mounts TLS
+    // Secrets, so check-config's key/certificate checks mean something: a
+    // key that does not belong to the certificate is refused.
+    let vf = VALUES_FILES
+        .iter()
+        .find(|vf| vf.path.ends_with("tls-gateway-values.yaml"))
+        .unwrap();
+    let dir = temp_dir("tls-mismatch");
+    check_values_file(vf, &[], &dir);
+    let mounted = dir.join("root/etc/pubwarden");
+    let cert = read(&mounted.join("tls/tls.crt"));
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"), "{cert}");
+    std::fs::copy(
+        mounted.join("upstream-client/tls.key"),
+        mounted.join("tls/tls.key"),
+    )
+    .unwrap();
+    let env = read(&dir.join("env"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubwarden"));
+    for var in [
+        "PUBWARDEN_CONFIG",
+        "PUBWARDEN_POLICY",
+        "PUBWARDEN_LISTEN",
+        "PUBWARDEN_UPSTREAM",
+        "PUBWARDEN_ADMIN_LISTEN",
+    ] {
+        cmd.env_remove(var);
+    }
+    for line in env.lines() {
+        let (k, v) = line.split_once('=').expect("NAME=VALUE");
+        cmd.env(k, v);
+    }
+    let out = run(cmd.arg("check-config").arg(dir.join("pubwarden.yaml")));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("tls.key_file"),
+        "the mismatched key should be reported at tls.key_file:\n{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn chart_owned_tls_settings_are_refused() {
+    // What templates/_helpers.tpl `fail`s on, as the render step reports it.
+    let dir = temp_dir("tls-refused");
+    let defaults = chart().join("values.yaml");
+    let cases = [
+        (
+            "tls:\n  enabled: true\n  secretName: gw-tls\nconfig:\n  settings:\n    tls:\n      listen: 0.0.0.0:6390\n",
+            "config.settings.tls.listen is set by the chart when tls.enabled is true",
+        ),
+        (
+            "tls:\n  enabled: true\n  secretName: gw-tls\nconfig:\n  settings:\n    tls:\n      cert_file: /x/tls.crt\n",
+            "config.settings.tls.cert_file is set by the chart",
+        ),
+        (
+            "upstreamTls:\n  enabled: true\nconfig:\n  settings:\n    upstream:\n      address: rediss://r:6380\n      tls:\n        server_name: r\n",
+            "config.settings.upstream.tls.server_name is set by the chart when upstreamTls.enabled is true",
+        ),
+        (
+            "upstreamTls:\n  enabled: true\nconfig:\n  settings:\n    upstream:\n      address: redis://r:6379\n",
+            "contradicts config.settings.upstream.address redis://",
+        ),
+        (
+            "tls:\n  enabled: true\n",
+            "tls.enabled needs tls.secretName",
+        ),
+        (
+            "tls:\n  enabled: true\n  secretName: gw-tls\n  port: 6380\n",
+            "tls.port (6380) must differ from ports.resp",
+        ),
+        (
+            "tls:\n  enabled: true\n  secretName: gw-tls\n  port: 9480\n  only: true\n",
+            "tls.port (9480) must differ from ports.admin",
+        ),
+        (
+            "upstreamTls:\n  enabled: true\n  caSecretName: ca\n  insecureSkipVerify: true\n",
+            "upstreamTls.insecureSkipVerify contradicts upstreamTls.caSecretName",
+        ),
+    ];
+    for (i, (values, expect)) in cases.iter().enumerate() {
+        let file = dir.join(format!("refused-{i}.yaml"));
+        std::fs::write(&file, values).unwrap();
+        let out = chart_check(&[
+            "render",
+            path_str(&file),
+            path_str(&dir.join(format!("out-{i}"))),
+            "--defaults",
+            path_str(&defaults),
+        ]);
+        assert!(
+            !out.status.success(),
+            "the chart accepted\n{values}\n{}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains(expect),
+            "the refusal of\n{values}should say `{expect}`:\n{}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn tls_settings_by_hand_pass_check_config() {
+    // The escape hatch: with tls.enabled off, `tls:` in config.settings with
+    // files from secretMounts is the user's own and is checked like the
+    // chart's.
+    let dir = temp_dir("tls-by-hand");
+    let file = dir.join("values.yaml");
+    std::fs::write(
+        &file,
+        "secretMounts:\n  - name: own-tls\n    secretName: own-tls\n\
+         config:\n  settings:\n    tls:\n      listen: 0.0.0.0:7443\n\
+         \x20     cert_file: /etc/pubwarden/secrets/own-tls/tls.crt\n\
+         \x20     key_file: /etc/pubwarden/secrets/own-tls/tls.key\n\
+         \x20     client_ca_file: /etc/pubwarden/secrets/own-tls/ca.crt\n",
+    )
+    .unwrap();
     let defaults = chart().join("values.yaml");
     let out = check_config(
-        &example_app().join("values.yaml"),
-        &["--subchart", "pubwarden", path_str(&defaults)],
-        &dir,
+        &file,
+        &["--defaults", path_str(&defaults)],
+        &dir.join("out"),
     );
-    // Sidecar: only the pod's own containers reach the RESP port.
-    assert!(out.contains("listen: 127.0.0.1:6380"), "{out}");
-    assert!(out.contains("policy: mode enforce"), "{out}");
-    assert!(out.contains("password: <redacted, from file"), "{out}");
-    // The app's policy map replaces the chart's default policy (a string)
-    // whole: no audit-mode `default` user with @all is merged in.
-    let policy = read(&dir.join("policy.yaml"));
-    assert!(!policy.contains("audit"), "{policy}");
+    assert!(out.contains("\ntls:\n  listen: 0.0.0.0:7443\n"), "{out}");
+    // pubwarden's default with a client CA.
+    assert!(out.contains("client_auth: required"), "{out}");
+    // A TLS file in no mounted directory would not exist in the pod.
+    std::fs::write(
+        &file,
+        "config:\n  settings:\n    tls:\n      listen: 0.0.0.0:7443\n\
+         \x20     cert_file: /certs/tls.crt\n      key_file: /certs/tls.key\n",
+    )
+    .unwrap();
+    let out = chart_check(&[
+        "render",
+        path_str(&file),
+        path_str(&dir.join("out-unmounted")),
+        "--defaults",
+        path_str(&defaults),
+    ]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("config.settings.tls.cert_file: /certs/tls.crt is not in a directory the container mounts"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn values_validate_against_the_schema() {
     let schema = chart().join("values.schema.json");
-    let out = chart_check(&[
-        "validate",
-        path_str(&schema),
-        path_str(&chart().join("values.yaml")),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
-    let defaults = chart().join("values.yaml");
-    let out = chart_check(&[
-        "validate",
-        path_str(&schema),
-        path_str(&example_app().join("values.yaml")),
-        "--subchart",
-        "pubwarden",
-        path_str(&defaults),
-    ]);
-    assert!(out.status.success(), "{}", text(&out));
+    for vf in VALUES_FILES {
+        let path = vf.path();
+        let mut args = vec!["validate", path_str(&schema), path_str(&path)];
+        let applies = vf.args();
+        args.extend(applies.iter().map(String::as_str));
+        let out = chart_check(&args);
+        assert!(out.status.success(), "{}: {}", vf.path, text(&out));
+    }
 }
 
 #[test]
@@ -258,6 +552,67 @@ fn mistyped_values_are_rejected_by_the_schema() {
             ": metrics.serviceMonitor.enabled: ",
         ),
         ("podAntiAffinity: always\n", ": podAntiAffinity: "),
+        ("tls:\n  enabled: \"true\"\n", ": tls.enabled: "),
+        ("tls:\n  port: 0\n", ": tls.port: "),
+        ("tls:\n  clientAuth: require\n", ": tls.clientAuth: "),
+        ("tls:\n  secretName: My_Cert\n", ": tls.secretName: "),
+        ("tls:\n  clientCaKey: \"ca/crt\"\n", ": tls.clientCaKey: "),
+        (
+            "tls:\n  port: 6390\n  onlyTls: true\n",
+            "'onlyTls' was unexpected",
+        ),
+        // Enabled without its Secret.
+        (
+            "tls:\n  enabled: true\n  secretName: \"\"\n",
+            ": tls.secretName: ",
+        ),
+        // Chart-owned keys, refused only when the chart manages TLS.
+        (
+            "tls:\n  enabled: true\n  secretName: gw-tls\nconfig:\n  settings:\n    tls:\n      listen: 0.0.0.0:6390\n",
+            ": config.settings.tls.listen: ",
+        ),
+        (
+            "tls:\n  enabled: true\n  secretName: gw-tls\nconfig:\n  settings:\n    tls:\n      client_auth: required\n",
+            ": config.settings.tls.client_auth: ",
+        ),
+        (
+            "upstreamTls:\n  enabled: true\nconfig:\n  settings:\n    upstream:\n      tls:\n        ca_file: /etc/ca.crt\n",
+            ": config.settings.upstream.tls.ca_file: ",
+        ),
+        (
+            "upstreamTls:\n  enabled: true\nconfig:\n  settings:\n    upstream:\n      address: redis://r:6379\n",
+            ": config.settings.upstream.address: ",
+        ),
+        (
+            "upstreamTls:\n  enabled: true\n  caSecretName: redis-ca\n  insecureSkipVerify: true\n",
+            ": upstreamTls.insecureSkipVerify: ",
+        ),
+        (
+            "upstreamTls:\n  insecureSkipVerify: \"no\"\n",
+            ": upstreamTls.insecureSkipVerify: ",
+        ),
+        (
+            "upstreamTls:\n  caSecretName: Redis_CA\n",
+            ": upstreamTls.caSecretName: ",
+        ),
+        (
+            "upstreamTls:\n  serverName: 42\n",
+            ": upstreamTls.serverName: ",
+        ),
+        ("service:\n  tlsPort: \"6390\"\n", ": service.tlsPort: "),
+        // The escape hatch is typed too.
+        (
+            "config:\n  settings:\n    tls:\n      client_auth: always\n",
+            ": config.settings.tls.client_auth: ",
+        ),
+        (
+            "config:\n  settings:\n    upstream:\n      address: rediss://user:secret@redis:6380\n",
+            ": config.settings.upstream.address: ",
+        ),
+        (
+            "policy:\n  content:\n    users:\n      orders:\n        tls_identities: [\"orders-service\"]\n",
+            ": policy.content.users.orders.tls_identities.0: ",
+        ),
     ];
     for (i, (values, expect)) in cases.iter().enumerate() {
         let file = dir.join(format!("bad-{i}.yaml"));
@@ -499,6 +854,41 @@ fn default_container_is_hardened_and_probed() {
         assert!(values.contains(needle), "values.yaml lacks `{needle}`");
     }
     let helpers = read(&chart().join("templates/_helpers.tpl"));
+    // Secrets mounted with subPath never see updates: renewed certificates
+    // would not reach pubwarden's rotation.
+    assert!(
+        !helpers.contains("subPath:"),
+        "_helpers.tpl mounts something with subPath"
+    );
+    // chart_check.py mirrors where the chart mounts the TLS Secrets.
+    let check = read(&root().join("helm/chart_check.py"));
+    for (define, constant, dir) in [
+        ("pubwarden.tlsDir", "TLS_DIR", "/etc/pubwarden/tls"),
+        (
+            "pubwarden.tlsClientCaDir",
+            "TLS_CLIENT_CA_DIR",
+            "/etc/pubwarden/tls-client-ca",
+        ),
+        (
+            "pubwarden.upstreamCaDir",
+            "UPSTREAM_CA_DIR",
+            "/etc/pubwarden/upstream-ca",
+        ),
+        (
+            "pubwarden.upstreamClientDir",
+            "UPSTREAM_CLIENT_DIR",
+            "/etc/pubwarden/upstream-client",
+        ),
+    ] {
+        assert!(
+            helpers.contains(&format!("define \"{define}\" -}}}}{dir}{{{{")),
+            "_helpers.tpl: {define} should be {dir}"
+        );
+        assert!(
+            check.contains(&format!("{constant} = \"{dir}\"")),
+            "helm/chart_check.py: {constant} should be {dir}, as {define} in _helpers.tpl"
+        );
+    }
     for define in [
         "pubwarden.sidecar.container",
         "pubwarden.sidecar.volumes",

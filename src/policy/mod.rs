@@ -563,14 +563,22 @@ impl Policy {
                 let _ = writeln!(out, "    disabled: AUTH is refused");
                 continue;
             }
-            let auth = if u.nopass {
+            let mut auth = if u.nopass {
                 "needs no password".to_string()
+            } else if u.passwords.is_empty() {
+                "has no password (AUTH is refused)".to_string()
             } else {
                 format!(
                     "authenticates with one of {} password(s)",
                     u.passwords.len()
                 )
             };
+            if !u.tls_identities.is_empty() {
+                auth.push_str(&format!(
+                    "; a verified client certificate naming {} signs in without AUTH",
+                    u.tls_identities.join(" or ")
+                ));
+            }
             let from = if u.sources.is_empty() {
                 "from anywhere".to_string()
             } else {

@@ -109,16 +109,109 @@ this chart's appVersion, so there image.tag or image.digest is required).
 {{- end }}
 
 {{/*
+Where the chart mounts the TLS Secrets (directory mounts, no subPath, so that
+the kubelet swaps renewed certificates in place and pubwarden, which re-reads
+them when their content changes, rotates without a restart).
+helm/chart_check.py `render` mirrors these paths.
+*/}}
+{{- define "pubwarden.tlsDir" -}}/etc/pubwarden/tls{{- end }}
+{{- define "pubwarden.tlsClientCaDir" -}}/etc/pubwarden/tls-client-ca{{- end }}
+{{- define "pubwarden.upstreamCaDir" -}}/etc/pubwarden/upstream-ca{{- end }}
+{{- define "pubwarden.upstreamClientDir" -}}/etc/pubwarden/upstream-client{{- end }}
+
+{{/* Whether the client CA comes from tls.clientCaSecretName: "true" or "". */}}
+{{- define "pubwarden.tlsClientCaMounted" -}}
+{{- if and .Values.tls.enabled (ne .Values.tls.clientAuth "none") .Values.tls.clientCaSecretName }}true{{ end }}
+{{- end }}
+
+{{/*
+Refuses TLS values that cannot work, with the value to fix. Renders nothing.
+Called by pubwarden.settings and pubwarden.container, so that a sidecar
+included from another chart is checked too.
+*/}}
+{{- define "pubwarden.validateTls" -}}
+{{- if .Values.tls.enabled }}
+{{- if not .Values.tls.secretName }}
+{{- fail "pubwarden: tls.enabled needs tls.secretName, a kubernetes.io/tls Secret (tls.crt, tls.key; e.g. a cert-manager Certificate's secretName)" }}
+{{- end }}
+{{- if and (not .Values.tls.only) (eq (int .Values.tls.port) (int .Values.ports.resp)) }}
+{{- fail (printf "pubwarden: tls.port (%d) must differ from ports.resp, or set tls.only: true to serve TLS alone" (int .Values.tls.port)) }}
+{{- end }}
+{{- if eq (int .Values.tls.port) (int .Values.ports.admin) }}
+{{- fail (printf "pubwarden: tls.port (%d) must differ from ports.admin" (int .Values.tls.port)) }}
+{{- end }}
+{{- end }}
+{{- if .Values.upstreamTls.enabled }}
+{{- if and .Values.upstreamTls.insecureSkipVerify .Values.upstreamTls.caSecretName }}
+{{- fail "pubwarden: upstreamTls.insecureSkipVerify contradicts upstreamTls.caSecretName (the CA would not be used); drop one" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The settings file as rendered into the ConfigMap: config.settings with
-shutdown.drain_timeout from shutdown.drainTimeoutSeconds. listen,
-admin.listen and the policy path come from environment variables (see
-pubwarden.container), which win over the file.
+shutdown.drain_timeout from shutdown.drainTimeoutSeconds, and the `tls:` and
+`upstream.tls:` sections from the tls.* and upstreamTls.* values when those
+are enabled (the keys the chart sets there are refused in config.settings;
+other keys, e.g. tls.handshake_timeout, are kept). listen, admin.listen and
+the policy path come from environment variables (see pubwarden.container),
+which win over the file.
 */}}
 {{- define "pubwarden.settings" -}}
+{{- include "pubwarden.validateTls" . }}
 {{- $settings := deepCopy (.Values.config.settings | default dict) }}
 {{- $shutdown := deepCopy (get $settings "shutdown" | default dict) }}
 {{- $_ := set $shutdown "drain_timeout" (printf "%ds" (int .Values.shutdown.drainTimeoutSeconds)) }}
 {{- $_ := set $settings "shutdown" $shutdown }}
+{{- if .Values.tls.enabled }}
+{{- $tls := deepCopy (get $settings "tls" | default dict) }}
+{{- $owned := dict "listen" "tls.port and tls.listenHost (or listenHost)" "cert_file" "tls.secretName" "key_file" "tls.secretName" "client_ca_file" "tls.clientAuth, tls.clientCaSecretName and tls.clientCaKey" "client_auth" "tls.clientAuth" "only" "tls.only" }}
+{{- range $key, $from := $owned }}
+{{- if hasKey $tls $key }}
+{{- fail (printf "pubwarden: config.settings.tls.%s is set by the chart when tls.enabled is true (from %s); remove it from config.settings" $key $from) }}
+{{- end }}
+{{- end }}
+{{- $host := .Values.tls.listenHost | default (include "pubwarden.listenHost" .) }}
+{{- $_ := set $tls "listen" (printf "%s:%d" $host (int .Values.tls.port)) }}
+{{- $_ := set $tls "cert_file" (printf "%s/tls.crt" (include "pubwarden.tlsDir" .)) }}
+{{- $_ := set $tls "key_file" (printf "%s/tls.key" (include "pubwarden.tlsDir" .)) }}
+{{- if ne .Values.tls.clientAuth "none" }}
+{{- if include "pubwarden.tlsClientCaMounted" . }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/%s" (include "pubwarden.tlsClientCaDir" .) .Values.tls.clientCaKey) }}
+{{- else }}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" (include "pubwarden.tlsDir" .)) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $tls "client_auth" .Values.tls.clientAuth }}
+{{- $_ := set $tls "only" .Values.tls.only }}
+{{- $_ := set $settings "tls" $tls }}
+{{- end }}
+{{- if .Values.upstreamTls.enabled }}
+{{- $upstream := deepCopy (get $settings "upstream" | default dict) }}
+{{- if hasPrefix "redis://" (get $upstream "address" | default "" | toString) }}
+{{- fail "pubwarden: upstreamTls.enabled contradicts config.settings.upstream.address redis://... (plaintext): write rediss://host:port or host:port" }}
+{{- end }}
+{{- $utls := deepCopy (get $upstream "tls" | default dict) }}
+{{- $owned := dict "ca_file" "upstreamTls.caSecretName and upstreamTls.caKey" "server_name" "upstreamTls.serverName" "cert_file" "upstreamTls.clientCertSecretName" "key_file" "upstreamTls.clientCertSecretName" "insecure_skip_verify" "upstreamTls.insecureSkipVerify" }}
+{{- range $key, $from := $owned }}
+{{- if hasKey $utls $key }}
+{{- fail (printf "pubwarden: config.settings.upstream.tls.%s is set by the chart when upstreamTls.enabled is true (from %s); remove it from config.settings" $key $from) }}
+{{- end }}
+{{- end }}
+{{- if .Values.upstreamTls.caSecretName }}
+{{- $_ := set $utls "ca_file" (printf "%s/%s" (include "pubwarden.upstreamCaDir" .) .Values.upstreamTls.caKey) }}
+{{- end }}
+{{- if .Values.upstreamTls.serverName }}
+{{- $_ := set $utls "server_name" .Values.upstreamTls.serverName }}
+{{- end }}
+{{- if .Values.upstreamTls.clientCertSecretName }}
+{{- $_ := set $utls "cert_file" (printf "%s/tls.crt" (include "pubwarden.upstreamClientDir" .)) }}
+{{- $_ := set $utls "key_file" (printf "%s/tls.key" (include "pubwarden.upstreamClientDir" .)) }}
+{{- end }}
+{{- $_ := set $utls "insecure_skip_verify" .Values.upstreamTls.insecureSkipVerify }}
+{{- $_ := set $upstream "tls" $utls }}
+{{- $_ := set $settings "upstream" $upstream }}
+{{- end }}
 {{- toYaml $settings }}
 {{- end }}
 
@@ -153,6 +246,7 @@ The pubwarden container (a single list item), shared by the gateway
 Deployment and the sidecar. Context: Values, Release (and optionally Chart).
 */}}
 {{- define "pubwarden.container" -}}
+{{- include "pubwarden.validateTls" . }}
 {{- $native := and (eq .Values.mode "sidecar") .Values.sidecar.native -}}
 - name: {{ if eq .Values.mode "sidecar" }}{{ .Values.sidecar.containerName }}{{ else }}pubwarden{{ end }}
   image: {{ include "pubwarden.image" . | quote }}
@@ -180,9 +274,16 @@ Deployment and the sidecar. Context: Values, Release (and optionally Chart).
     {{- toYaml . | nindent 4 }}
   {{- end }}
   ports:
+    {{- if not (and .Values.tls.enabled .Values.tls.only) }}
     - name: pubwarden-resp
       containerPort: {{ .Values.ports.resp }}
       protocol: TCP
+    {{- end }}
+    {{- if .Values.tls.enabled }}
+    - name: pubwarden-tls
+      containerPort: {{ .Values.tls.port }}
+      protocol: TCP
+    {{- end }}
     - name: pubwarden-admin
       containerPort: {{ .Values.ports.admin }}
       protocol: TCP
@@ -230,6 +331,28 @@ Deployment and the sidecar. Context: Values, Release (and optionally Chart).
       mountPath: {{ printf "/etc/pubwarden/secrets/%s" .name }}
       readOnly: true
     {{- end }}
+    {{- if .Values.tls.enabled }}
+    # TLS Secrets as directories (no subPath): renewed certificates reach the
+    # running container and pubwarden rotates them without a restart.
+    - name: pubwarden-tls
+      mountPath: {{ include "pubwarden.tlsDir" . }}
+      readOnly: true
+    {{- if include "pubwarden.tlsClientCaMounted" . }}
+    - name: pubwarden-tls-client-ca
+      mountPath: {{ include "pubwarden.tlsClientCaDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- end }}
+    {{- if and .Values.upstreamTls.enabled .Values.upstreamTls.caSecretName }}
+    - name: pubwarden-upstream-ca
+      mountPath: {{ include "pubwarden.upstreamCaDir" . }}
+      readOnly: true
+    {{- end }}
+    {{- if and .Values.upstreamTls.enabled .Values.upstreamTls.clientCertSecretName }}
+    - name: pubwarden-upstream-client
+      mountPath: {{ include "pubwarden.upstreamClientDir" . }}
+      readOnly: true
+    {{- end }}
     {{- with .Values.volumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -260,6 +383,26 @@ The volumes of the pubwarden container (list items).
     {{- if .optional }}
     optional: true
     {{- end }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: pubwarden-tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+{{- if include "pubwarden.tlsClientCaMounted" . }}
+- name: pubwarden-tls-client-ca
+  secret:
+    secretName: {{ .Values.tls.clientCaSecretName }}
+{{- end }}
+{{- end }}
+{{- if and .Values.upstreamTls.enabled .Values.upstreamTls.caSecretName }}
+- name: pubwarden-upstream-ca
+  secret:
+    secretName: {{ .Values.upstreamTls.caSecretName }}
+{{- end }}
+{{- if and .Values.upstreamTls.enabled .Values.upstreamTls.clientCertSecretName }}
+- name: pubwarden-upstream-client
+  secret:
+    secretName: {{ .Values.upstreamTls.clientCertSecretName }}
 {{- end }}
 {{- end }}
 
