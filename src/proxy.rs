@@ -710,7 +710,15 @@ impl Conn {
                 {
                     self.flush_client_before_close().await;
                     match self.resubscribe().await {
-                        Ok(()) => continue,
+                        Ok(()) => {
+                            // The new connection went to the current master: a
+                            // switch signalled during the reconnect is handled.
+                            if let Some(rx) = &mut self.failovers {
+                                rx.borrow_and_update();
+                            }
+                            failover_signal = Box::pin(next_change(self.failovers.clone()));
+                            continue;
+                        }
                         Err(reason) => return reason,
                     }
                 }

@@ -19,6 +19,7 @@ pub mod procs;
 pub mod prom;
 pub mod resp;
 pub mod script;
+pub mod sentinel;
 pub mod tls;
 
 pub use net::{RawConn, Stop, free_port, http_get, http_status, loopback};
