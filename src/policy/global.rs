@@ -154,13 +154,14 @@ impl GlobalLimits {
         self.down.load(Ordering::Relaxed)
     }
 
-    fn set_down(&self, down: bool, metrics: &Metrics) {
+    fn set_down(&self, down: bool, metrics: &Metrics, why: &str) {
         if self.down.swap(down, Ordering::Relaxed) != down {
             metrics.global_store_up(!down);
             if down {
                 self.down_since_ns
                     .store(self.now_ns(Instant::now()), Ordering::Relaxed);
                 tracing::warn!(
+                    error = why,
                     "the shared rate-limit store is unreachable; global rate limits fall back to their on_store_failure setting"
                 );
             } else {
@@ -257,7 +258,36 @@ async fn serve(
 ) {
     let mut conn: Option<(upstream::Stream, Replies)> = None;
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    loop {
+        let down = limits.upgrade().is_some_and(|l| l.store_down());
+        // While the store is down, probe it every second even if no publish
+        // asks, so recovery (and the store_up gauge) does not wait for one.
+        let received = if down {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    let Some(limits) = limits.upgrade() else { return };
+                    if let Ok(Ok(mut s)) = tokio::time::timeout(store.connect_timeout, upstream::connect(&store)).await {
+                        let mut replies = Replies::new(1024);
+                        if let Ok(Ok(Value::Simple(_))) = tokio::time::timeout(
+                            limits.settings.store_timeout.max(Duration::from_millis(50)),
+                            upstream::request(&mut s, &mut replies, &[b"PING"]),
+                        )
+                        .await
+                        {
+                            conn = Some((s, replies));
+                            limits.set_down(false, &metrics, "");
+                        }
+                    }
+                    continue;
+                }
+            }
+        } else {
+            rx.recv_many(&mut batch, MAX_BATCH).await
+        };
+        if received == 0 {
+            return;
+        }
         let Some(limits) = limits.upgrade() else {
             return;
         };
@@ -281,13 +311,18 @@ async fn serve(
                 exchange(stream, replies, &batch),
             )
             .await
-            .unwrap_or_else(|_| Err("timed out".into())),
-            None => Err("not connected".into()),
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer within {} ms",
+                    limits.settings.store_timeout.as_millis()
+                ))
+            }),
+            None => Err(format!("cannot connect to {}", store.describe())),
         };
         let now_ns = limits.now_ns(Instant::now());
         match outcome {
             Ok(answers) => {
-                limits.set_down(false, &metrics);
+                limits.set_down(false, &metrics, "");
                 for (req, (granted, wait_us)) in batch.drain(..).zip(answers) {
                     metrics.global_store_request(granted > 0);
                     if let Ok(mut st) = req.lease.state.lock() {
@@ -306,7 +341,7 @@ async fn serve(
             Err(e) => {
                 tracing::debug!(error = %e, "shared rate-limit store request failed");
                 conn = None;
-                limits.set_down(true, &metrics);
+                limits.set_down(true, &metrics, &e);
                 for req in batch.drain(..) {
                     metrics.global_store_error();
                     if let Ok(mut st) = req.lease.state.lock() {
