@@ -51,6 +51,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod glob;
@@ -181,10 +182,19 @@ pub async fn run(
         .sentinel
         .is_some()
         .then(|| tokio::spawn(sentinel::follow(settings.upstream.clone(), metrics.clone())));
-    let checker = tokio::spawn(upstream::watch_health(
-        settings.upstream.clone(),
-        health.clone(),
-    ));
+    let cluster = settings
+        .upstream
+        .cluster
+        .is_some()
+        .then(|| cluster::Cluster::new(settings.upstream.clone(), metrics.clone()));
+    let maintainer = cluster.clone().map(|c| tokio::spawn(c.maintain()));
+    let checker = match &cluster {
+        Some(c) => tokio::spawn(cluster::watch_health(c.clone(), health.clone())),
+        None => tokio::spawn(upstream::watch_health(
+            settings.upstream.clone(),
+            health.clone(),
+        )),
+    };
     let policy = policy.map(|p| {
         Arc::new(policy::gate::PolicyRuntime::new(
             p,
@@ -246,7 +256,8 @@ pub async fn run(
         proxy::Shared::new(settings, health.clone(), drain_rx)
             .with_metrics(metrics)
             .with_policy(policy)
-            .with_tracing(traces.clone()),
+            .with_tracing(traces.clone())
+            .with_cluster(cluster),
     );
     let acceptors: Vec<_> = [(plain_listener, false), (tls_listener, true)]
         .into_iter()
@@ -278,6 +289,9 @@ pub async fn run(
         );
     }
     checker.abort();
+    if let Some(m) = maintainer {
+        m.abort();
+    }
     if let Some(f) = follower {
         f.abort();
     }

@@ -50,6 +50,8 @@ pub struct Shared {
     pub policy: Option<Arc<PolicyRuntime>>,
     /// `None`: tracing is off, and connections carry no tracer.
     pub tracing: Option<Arc<crate::telemetry::Tracing>>,
+    /// Cluster mode: the shared slot map; sessions fan out to the nodes.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
             metrics: Arc::new(Metrics::new(&settings.metrics)),
             policy: None,
             tracing: None,
+            cluster: None,
             settings,
             health,
             drain,
@@ -84,6 +87,11 @@ impl Shared {
     }
 
     /// Traces publishes and deliveries (see `telemetry`).
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::Cluster>>) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
     pub fn with_tracing(mut self, tracing: Option<Arc<crate::telemetry::Tracing>>) -> Self {
         self.tracing = tracing;
         self
@@ -325,6 +333,18 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
         },
         None => None,
     };
+    if let Some(cluster) = &shared.cluster {
+        let (session, out_rx) =
+            crate::cluster::session::ClusterSession::new(cluster.clone(), &shared.settings, gate);
+        let ended = session.run(client, out_rx, shared.drain.clone()).await;
+        tracing::info!(
+            %peer,
+            duration_ms = started.elapsed().as_millis() as u64,
+            reason = ended.as_str(),
+            "connection closed"
+        );
+        return;
+    }
     // Subscribed before connecting: a failover during the connect is seen.
     let failovers = shared
         .settings
@@ -1362,7 +1382,7 @@ impl Conn {
 
 /// Re-encodes a list of channel names keeping only those `keep` accepts;
 /// `None` when the frame is not such a list (an error passes unchanged).
-fn filter_channel_list(frame: &[u8], keep: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+pub(crate) fn filter_channel_list(frame: &[u8], keep: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
     let crate::resp::value::Value::Array(items) = crate::resp::value::decode(frame, 4).ok()? else {
         return None;
     };

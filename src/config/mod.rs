@@ -68,6 +68,8 @@ pub struct Upstream {
     pub tls: Option<crate::tls::UpstreamTls>,
     /// `mode: sentinel`: the master is found and followed through Sentinel.
     pub sentinel: Option<crate::sentinel::SentinelSettings>,
+    /// `mode: cluster`: Redis Cluster, found through its seed nodes.
+    pub cluster: Option<crate::cluster::ClusterSettings>,
     /// Where connections go now (the Sentinel-discovered master); not a setting.
     pub target: crate::sentinel::Target,
 }
@@ -76,6 +78,11 @@ impl Upstream {
     /// The address to connect to now: the discovered master in Sentinel
     /// mode (`None` until one is found), else `address`.
     pub fn current_address(&self) -> Option<String> {
+        if let Some(c) = &self.cluster {
+            // pubwarden's own one-off connections (COMMAND for policy)
+            // may go to any node.
+            return c.seeds.first().cloned();
+        }
         match &self.sentinel {
             Some(_) => self.target.current(),
             None => Some(self.address.clone()),
@@ -84,6 +91,9 @@ impl Upstream {
 
     /// For logs and client errors.
     pub fn describe(&self) -> String {
+        if let Some(c) = &self.cluster {
+            return format!("Redis Cluster (seeds {})", c.seeds.join(", "));
+        }
         match &self.sentinel {
             Some(s) => match self.target.current() {
                 Some(a) => format!("{a} (Sentinel master `{}`)", s.master_name),
@@ -164,6 +174,7 @@ impl Default for Settings {
                 resubscribe_channels: Vec::new(),
                 tls: None,
                 sentinel: None,
+                cluster: None,
                 target: crate::sentinel::Target::default(),
             },
             admin: Admin {
@@ -381,23 +392,24 @@ impl Settings {
                 "tls",
                 "mode",
                 "sentinel",
+                "cluster",
             ],
         );
-        let sentinel_mode = r
+        let mode = r
             .field(&up, "mode", |t| match t.trim() {
-                "standalone" => Ok(false),
-                "sentinel" => Ok(true),
+                m @ ("standalone" | "sentinel" | "cluster") => Ok(m.to_string()),
                 other => Err(format!(
-                    "`{other}` is not an upstream mode (use standalone or sentinel)"
+                    "`{other}` is not an upstream mode (use standalone, sentinel or cluster)"
                 )),
             })
-            .unwrap_or(false);
-        s.upstream.sentinel = read_sentinel(&mut r, &up, sentinel_mode);
-        if sentinel_mode && up.as_ref().and_then(|m| m.get("address")).is_some() {
+            .unwrap_or_else(|| "standalone".into());
+        s.upstream.sentinel = read_sentinel(&mut r, &up, mode == "sentinel");
+        s.upstream.cluster = read_cluster(&mut r, &up, mode == "cluster");
+        if mode != "standalone" && up.as_ref().and_then(|m| m.get("address")).is_some() {
             r.error(
                 "upstream.address",
                 Pos::default(),
-                "is found through Sentinel in mode: sentinel; remove it",
+                format!("is not used in mode: {mode} (the nodes are found through upstream.{mode}); remove it"),
             );
         }
         if let Some((node, path)) = up.as_ref().and_then(|m| m.get("resubscribe_channels")) {
@@ -698,6 +710,61 @@ fn read_global_limits(
     g
 }
 
+/// `upstream.cluster`, required in `mode: cluster` and refused otherwise.
+fn read_cluster(
+    r: &mut Reader,
+    up: &Option<yaml::MapView<'_>>,
+    cluster_mode: bool,
+) -> Option<crate::cluster::ClusterSettings> {
+    let present = up.as_ref().and_then(|m| m.get("cluster")).is_some();
+    if !cluster_mode {
+        if present {
+            r.error(
+                "upstream.cluster",
+                Pos::default(),
+                "is read only with upstream.mode: cluster",
+            );
+        }
+        return None;
+    }
+    let m = r.section(
+        up,
+        "cluster",
+        &["seeds", "refresh_interval", "pass_sunsubscribe"],
+    );
+    let mut c = crate::cluster::ClusterSettings::default();
+    if let Some((node, path)) = m.as_ref().and_then(|mm| mm.get("seeds")) {
+        for (item, item_path) in r.items(node, &path, "cluster node host:port addresses") {
+            if let Some(text) = r.scalar(item, &item_path) {
+                match host_port(text) {
+                    Ok(a) => c.seeds.push(a),
+                    Err(e) => r.error(&item_path, item.pos, e),
+                }
+            }
+        }
+    }
+    if c.seeds.is_empty() {
+        r.error(
+            "upstream.cluster.seeds",
+            Pos::default(),
+            "list at least one cluster node (host:port); the others are found from it",
+        );
+    }
+    if let Some(v) = r.field(&m, "refresh_interval", |t| {
+        yaml::duration(t).and_then(positive)
+    }) {
+        c.refresh_interval = v;
+    }
+    if let Some(v) = r.field(&m, "pass_sunsubscribe", |t| match t.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("`{other}` is not true or false")),
+    }) {
+        c.pass_sunsubscribe = v;
+    }
+    Some(c)
+}
+
 /// `upstream.sentinel`, required in `mode: sentinel` and refused otherwise.
 fn read_sentinel(
     r: &mut Reader,
@@ -792,6 +859,15 @@ impl fmt::Display for Settings {
         writeln!(f, "listen: {}", self.listen)?;
         writeln!(f, "upstream:")?;
         match &self.upstream.sentinel {
+            None if self.upstream.cluster.is_some() => {
+                if let Some(c) = &self.upstream.cluster {
+                    writeln!(f, "  mode: cluster")?;
+                    writeln!(f, "  cluster:")?;
+                    writeln!(f, "    seeds: [{}]", c.seeds.join(", "))?;
+                    writeln!(f, "    refresh_interval: {}", d(c.refresh_interval))?;
+                    writeln!(f, "    pass_sunsubscribe: {}", c.pass_sunsubscribe)?;
+                }
+            }
             None => writeln!(f, "  address: {}", self.upstream.address)?,
             Some(s) => {
                 writeln!(f, "  mode: sentinel")?;

@@ -300,6 +300,13 @@ pub struct Metrics {
     global_leases: [Counter; 3],
     global_store_up: Gauge,
     global_fallbacks: Counters,
+
+    /// Redis Cluster (src/cluster).
+    cluster_nodes: Gauge,
+    cluster_refreshes: [Counter; 2],
+    cluster_redirects: [Counter; 2],
+    cluster_shard_resubscribes: Counter,
+    cluster_node_connections: Family<Labels, Gauge>,
 }
 
 fn latency() -> AtomicHistogram {
@@ -580,6 +587,26 @@ impl Metrics {
             "pubwarden_global_rate_limit_fallbacks",
             "Publishes decided without the shared store, by rule and action (local_share, rejected)",
         );
+        let cluster_nodes = r.gauge(
+            "pubwarden_cluster_nodes",
+            "Nodes (masters and replicas) in the cluster slot map",
+        );
+        let cluster_refreshes_f = r.counters(
+            "pubwarden_cluster_topology_refreshes",
+            "Reads of the cluster slot map, by result (success, failure)",
+        );
+        let cluster_redirects_f = r.counters(
+            "pubwarden_cluster_redirects",
+            "MOVED and ASK redirects pubwarden followed for clients, by kind",
+        );
+        let cluster_shard_resubscribes = r.counter(
+            "pubwarden_cluster_shard_resubscribes",
+            "Shard channels subscribed again on their new owner after a slot moved or its master failed over",
+        );
+        let cluster_node_connections = r.gauges(
+            "pubwarden_cluster_node_connections",
+            "Open connections to each cluster node, by node",
+        );
         let span_drops_f = r.counters(
             "pubwarden_trace_spans_dropped",
             "Trace spans not exported, by reason (queue_full, export_failed)",
@@ -712,6 +739,13 @@ impl Metrics {
                 .map(|res| global_leases_f.get_or_create_owned(&labels(&[("result", res)]))),
             global_store_up,
             global_fallbacks,
+            cluster_nodes,
+            cluster_refreshes: ["success", "failure"]
+                .map(|res| cluster_refreshes_f.get_or_create_owned(&labels(&[("result", res)]))),
+            cluster_redirects: ["moved", "ask"]
+                .map(|k| cluster_redirects_f.get_or_create_owned(&labels(&[("kind", k)]))),
+            cluster_shard_resubscribes,
+            cluster_node_connections,
         }
     }
 
@@ -1000,6 +1034,30 @@ impl Metrics {
         self.global_fallbacks
             .get_or_create(&labels(&[("rule", rule), ("action", action)]))
             .inc();
+    }
+
+    pub fn cluster_nodes(&self, n: usize) {
+        self.cluster_nodes.set(n as i64);
+    }
+
+    pub fn cluster_topology_refresh(&self, ok: bool) {
+        self.cluster_refreshes[usize::from(!ok)].inc();
+    }
+
+    /// A MOVED (`ask`: false) or ASK redirect was followed.
+    pub fn cluster_redirect(&self, ask: bool) {
+        self.cluster_redirects[usize::from(ask)].inc();
+    }
+
+    pub fn cluster_shard_resubscribed(&self, channels: u64) {
+        self.cluster_shard_resubscribes.inc_by(channels);
+    }
+
+    /// A connection to `node` opened (`+1`) or closed (`-1`).
+    pub fn cluster_node_connection(&self, node: &str, delta: i64) {
+        self.cluster_node_connections
+            .get_or_create(&labels(&[("node", node)]))
+            .inc_by(delta);
     }
 
     /// A configuration reload finished.

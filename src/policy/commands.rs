@@ -47,6 +47,9 @@ pub struct CommandInfo {
     pub no_auth: bool,
     /// A container (`client`, `config`...): its second argument names a subcommand.
     pub has_subcommands: bool,
+    /// Position of the first key (0: none, or not at a fixed place), from
+    /// COMMAND; cluster mode routes by it. The built-in table has none.
+    pub first_key: u8,
 }
 
 /// Where the table came from.
@@ -88,6 +91,7 @@ impl CommandTable {
                     arity: arity.parse().unwrap_or(-1),
                     no_auth: flags.split(',').any(|f| f == "no_auth"),
                     has_subcommands: false,
+                    first_key: 0,
                 },
             );
         }
@@ -204,6 +208,8 @@ pub fn from_command_reply(reply: &crate::resp::value::Value) -> Option<CommandTa
                 arity,
                 no_auth,
                 has_subcommands: false,
+                first_key: u8::try_from(fields.get(3).and_then(Value::as_int).unwrap_or(0))
+                    .unwrap_or(0),
             },
         ));
         for sub in fields.get(9).and_then(Value::as_array).unwrap_or_default() {
