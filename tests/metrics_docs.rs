@@ -21,6 +21,7 @@ fn registry_families() -> BTreeMap<String, (String, String)> {
     m.tls_certificate_expiry("listener", 0);
     m.sentinel_master("mymaster", "127.0.0.1:6379", None);
     m.global_fallback("shared", "local_share");
+    m.cluster_node_connection("127.0.0.1:7000", 1);
     let text = m.render(false);
     let mut help = BTreeMap::new();
     let mut out = BTreeMap::new();
