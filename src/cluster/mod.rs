@@ -64,6 +64,8 @@ pub struct Cluster {
     refresh: Notify,
     commands: ArcSwap<CommandTable>,
     next_home: AtomicUsize,
+    /// The last read of the slot map succeeded.
+    map_fresh: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
 }
 
@@ -78,6 +80,7 @@ impl Cluster {
             refresh: Notify::new(),
             commands: ArcSwap::from_pointee(CommandTable::built_in()),
             next_home: AtomicUsize::new(0),
+            map_fresh: std::sync::atomic::AtomicBool::new(false),
             metrics,
         })
     }
@@ -183,10 +186,12 @@ impl Cluster {
             match self.refresh_now().await {
                 Ok(_) => {
                     self.metrics.cluster_topology_refresh(true);
+                    self.map_fresh.store(true, Ordering::Relaxed);
                     last_error.clear();
                 }
                 Err(e) => {
                     self.metrics.cluster_topology_refresh(false);
+                    self.map_fresh.store(false, Ordering::Relaxed);
                     if e != last_error {
                         tracing::warn!(error = %e, "cannot read the cluster slot map");
                         last_error = e;
@@ -213,12 +218,14 @@ impl Cluster {
     }
 }
 
-/// Readiness in cluster mode: every slot is served.
+/// Readiness in cluster mode: the slot map was read at its last attempt
+/// and every slot is served.
 pub async fn watch_health(cluster: Arc<Cluster>, health: Arc<upstream::Health>) {
     let mut tick = tokio::time::interval(cluster.upstream.health_check_interval);
     loop {
         tick.tick().await;
         let t = cluster.topology();
-        health.set_upstream(t.covered() == slot::SLOTS);
+        let fresh = cluster.map_fresh.load(Ordering::Relaxed);
+        health.set_upstream(fresh && t.covered() == slot::SLOTS);
     }
 }
