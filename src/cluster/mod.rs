@@ -79,7 +79,7 @@ impl Cluster {
             version: watch::channel(0).0,
             refresh: Notify::new(),
             commands: ArcSwap::from_pointee(CommandTable::built_in()),
-            next_home: AtomicUsize::new(0),
+            next_home: AtomicUsize::new(std::process::id() as usize),
             map_fresh: std::sync::atomic::AtomicBool::new(false),
             metrics,
         })
@@ -103,15 +103,21 @@ impl Cluster {
         self.refresh.notify_one();
     }
 
-    /// The home node for a new session: masters in turn.
+    /// The home node of this pubwarden's sessions: one master for the
+    /// whole process, so that every client of this endpoint sees the same
+    /// classic pub/sub (PUBLISH counts, PUBSUB CHANNELS) as from one server.
+    /// Processes pick different masters (by process id), which spreads a
+    /// fleet of sidecars; a home that leaves the map is replaced.
     pub fn pick_home(&self) -> Option<String> {
         let t = self.topology();
         let n = t.shards.len();
         if n == 0 {
             return None;
         }
-        let i = self.next_home.fetch_add(1, Ordering::Relaxed) % n;
-        Some(t.shards[i].master.clone())
+        let mut masters: Vec<&str> = t.masters().collect();
+        masters.sort_unstable();
+        let i = self.next_home.load(Ordering::Relaxed) % n;
+        Some(masters[i].to_string())
     }
 
     /// Settings for a connection to `node`.

@@ -80,6 +80,9 @@ enum Shape {
     Subs(SubKind),
     /// PUBSUB CHANNELS & co.: keep what the user may see.
     Filtered,
+    /// INFO and HELLO: the endpoint presents itself as one standalone
+    /// server (`cluster_enabled:0`, `mode standalone`), which it is to clients.
+    Standalone,
 }
 
 struct Entry {
@@ -102,6 +105,9 @@ struct Node {
     /// Entries this node owes frames to, oldest first, with how many.
     owed: VecDeque<(u64, usize)>,
     subs: [HashSet<Box<[u8]>>; 3],
+    /// Subscriptions as of the requests sent (confirmed or not): what an
+    /// UNSUBSCRIBE pipelined behind a SUBSCRIBE must count on.
+    intent: [HashSet<Box<[u8]>>; 3],
     /// Entries in the client queue holding frames from this node and not
     /// yet written: deliveries from it must not overtake them.
     unflushed: usize,
@@ -449,6 +455,7 @@ impl ClusterSession {
                 tx,
                 owed: VecDeque::new(),
                 subs: Default::default(),
+                intent: Default::default(),
                 unflushed: 0,
                 _tasks: [AbortOnDrop(reader), AbortOnDrop(writer)],
                 metrics: self.cluster.metrics.clone(),
@@ -666,22 +673,41 @@ impl ClusterSession {
                 } else {
                     Shape::Subs(SubKind::Shard)
                 };
-                self.send_to_owner(s, request, frames, shape).await?;
+                let node = self.send_to_owner(s, request, frames, shape).await?;
+                if cmd.kind != Kind::SPublish
+                    && let Some(n) = node
+                {
+                    self.intend(n, SubKind::Shard, &channels, true);
+                }
             }
             Kind::Unsubscribe(SubKind::Shard) => self.sunsubscribe(&args, request).await?,
             Kind::Subscribe(k) => {
                 self.send_home(request, argc.saturating_sub(1).max(1), Shape::Subs(k))
                     .await?;
+                let channels: Vec<&[u8]> = args.iter().skip(1).collect();
+                if let Some(h) = self.home {
+                    self.intend(h, k, &channels, true);
+                }
             }
             Kind::Unsubscribe(k) => {
+                let h = self.home().await;
                 let frames = if argc > 1 {
                     argc - 1
                 } else {
-                    let h = self.home().await;
                     h.and_then(|h| self.nodes.get(&h))
-                        .map_or(1, |n| n.subs[kind_index(k)].len().max(1))
+                        .map_or(1, |n| n.intent[kind_index(k)].len().max(1))
                 };
                 self.send_home(request, frames, Shape::Subs(k)).await?;
+                if let Some(h) = self.home {
+                    let channels: Vec<&[u8]> = args.iter().skip(1).collect();
+                    if channels.is_empty() {
+                        if let Some(n) = self.nodes.get_mut(&h) {
+                            n.intent[kind_index(k)].clear();
+                        }
+                    } else {
+                        self.intend(h, k, &channels, false);
+                    }
+                }
             }
             Kind::Hello(_) | Kind::Reset => {
                 if let Kind::Hello(Some(v)) = cmd.kind {
@@ -693,6 +719,7 @@ impl ClusterSession {
                     self.watch_node = None;
                     for n in self.nodes.values_mut() {
                         n.subs = Default::default();
+                        n.intent = Default::default();
                     }
                 } else {
                     self.replay.push(request.clone());
@@ -707,6 +734,8 @@ impl ClusterSession {
                 let key = first_key(&self.cluster, &args).map(<[u8]>::to_vec);
                 let shape = if filtered {
                     Shape::Filtered
+                } else if name == "info" {
+                    Shape::Standalone
                 } else {
                     Shape::Plain
                 };
@@ -779,7 +808,7 @@ impl ClusterSession {
             self.local(b"-CLUSTERDOWN pubwarden: no cluster node reachable\r\n");
             return Ok(());
         };
-        let id = self.new_entry(1, Shape::Plain, None, false);
+        let id = self.new_entry(1, Shape::Standalone, None, false);
         self.send(h, id, 1, request.clone());
         let others: Vec<usize> = self.nodes.keys().copied().filter(|&n| n != h).collect();
         for n in others {
@@ -801,8 +830,8 @@ impl ClusterSession {
             let holders: Vec<(usize, usize)> = self
                 .nodes
                 .iter()
-                .filter(|(_, n)| !n.subs[s].is_empty())
-                .map(|(&i, n)| (i, n.subs[s].len()))
+                .filter(|(_, n)| !n.intent[s].is_empty())
+                .map(|(&i, n)| (i, n.intent[s].len()))
                 .collect();
             if holders.is_empty() {
                 let reply = confirmation(self.protocol == 3, b"sunsubscribe", None, 0);
@@ -813,6 +842,9 @@ impl ClusterSession {
             let id = self.new_entry(total, Shape::Subs(SubKind::Shard), None, false);
             for (n, count) in holders {
                 self.send(n, id, count, request.clone());
+                if let Some(node) = self.nodes.get_mut(&n) {
+                    node.intent[s].clear();
+                }
             }
             return Ok(());
         }
@@ -822,7 +854,7 @@ impl ClusterSession {
             let holder = self
                 .nodes
                 .iter()
-                .find(|(_, n)| n.subs[s].contains(ch))
+                .find(|(_, n)| n.intent[s].contains(ch))
                 .map(|(&i, _)| i);
             let node = match holder {
                 Some(i) => Some(i),
@@ -850,8 +882,23 @@ impl ClusterSession {
             argv.extend(chs.iter().copied());
             let n = chs.len();
             self.send(node, id, n, Bytes::from(crate::resp::encode_command(&argv)));
+            self.intend(node, SubKind::Shard, &chs, false);
         }
         Ok(())
+    }
+
+    /// Records subscriptions requested (`add`) or dropped on `node`.
+    fn intend(&mut self, node: usize, kind: SubKind, channels: &[&[u8]], add: bool) {
+        if let Some(n) = self.nodes.get_mut(&node) {
+            let set = &mut n.intent[kind_index(kind)];
+            for c in channels {
+                if add {
+                    set.insert(Box::from(*c));
+                } else {
+                    set.remove(*c);
+                }
+            }
+        }
     }
 
     fn shard_total(&self) -> usize {
@@ -966,6 +1013,7 @@ impl ClusterSession {
         };
         if let Some(n) = self.nodes.get_mut(&node) {
             n.subs[2].remove(ch);
+            n.intent[2].remove(ch);
         }
         self.cluster.refresh_soon();
         if self.cluster.settings.pass_sunsubscribe {
@@ -1012,6 +1060,7 @@ impl ClusterSession {
                     true,
                 );
                 self.send(n, id, group.len(), request);
+                self.intend(n, SubKind::Shard, &group, true);
                 self.cluster
                     .metrics
                     .cluster_shard_resubscribed(group.len() as u64);
@@ -1048,6 +1097,15 @@ impl ClusterSession {
                         let a = self.new_entry(1, Shape::Plain, None, true);
                         self.send(t, a, 1, Bytes::from_static(b"*1\r\n$6\r\nASKING\r\n"));
                     }
+                    // A redirected SSUBSCRIBE's channels now live on the target.
+                    if let Some(Shape::Subs(k)) = self.entries.get(&id).map(|e| e.shape)
+                        && let Ok(Value::Array(items)) = value::decode(&request, 2)
+                    {
+                        let chs: Vec<&[u8]> =
+                            items.iter().skip(1).filter_map(Value::as_bytes).collect();
+                        self.intend(node, k, &chs, false);
+                        self.intend(t, k, &chs, true);
+                    }
                     self.send(t, id, frames, request);
                     return;
                 }
@@ -1067,6 +1125,11 @@ impl ClusterSession {
             // An error answers the whole subscribe command.
             let frames = self.pop_owed(node);
             self.answer_with(id, frames, &frame);
+            return;
+        }
+        if shape == Some(Shape::Standalone) {
+            let rewritten = as_standalone(&frame);
+            self.complete_frame(node, &rewritten);
             return;
         }
         if shape == Some(Shape::Filtered)
@@ -1178,6 +1241,29 @@ impl ClusterSession {
         }
         Ok(())
     }
+}
+
+/// A node's INFO or HELLO answer as a standalone server would give it.
+fn as_standalone(frame: &[u8]) -> Vec<u8> {
+    const HELLO_FROM: &[u8] = b"$4\r\nmode\r\n$7\r\ncluster\r\n";
+    const HELLO_TO: &[u8] = b"$4\r\nmode\r\n$10\r\nstandalone\r\n";
+    const INFO_FROM: &[u8] = b"cluster_enabled:1";
+    const INFO_TO: &[u8] = b"cluster_enabled:0";
+    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+    if let Some(at) = find(frame, HELLO_FROM) {
+        let mut out = Vec::with_capacity(frame.len() + 3);
+        out.extend_from_slice(&frame[..at]);
+        out.extend_from_slice(HELLO_TO);
+        out.extend_from_slice(&frame[at + HELLO_FROM.len()..]);
+        return out;
+    }
+    // Same length: the bulk string's header stays right.
+    if let Some(at) = find(frame, INFO_FROM) {
+        let mut out = frame.to_vec();
+        out[at..at + INFO_TO.len()].copy_from_slice(INFO_TO);
+        return out;
+    }
+    frame.to_vec()
 }
 
 /// Commands that set connection state every node connection must share.
