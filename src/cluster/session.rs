@@ -603,6 +603,34 @@ impl ClusterSession {
             }
             _ => {}
         }
+        // RESP2 subscribed mode belongs to the session, not to one node: a
+        // client whose subscriptions live on other nodes than the one a
+        // command would reach must be answered as one server would.
+        if self.protocol == 2 && self.subscribed() {
+            match cmd.kind {
+                Kind::Subscribe(_) | Kind::Unsubscribe(_) | Kind::Quit | Kind::Reset => {}
+                Kind::Ping => {
+                    let arg = args.get(1).unwrap_or_default();
+                    let mut reply = format!("*2\r\n$4\r\npong\r\n${}\r\n", arg.len()).into_bytes();
+                    reply.extend_from_slice(arg);
+                    reply.extend_from_slice(b"\r\n");
+                    self.local(&reply);
+                    return Ok(());
+                }
+                _ => {
+                    let table = self.cluster.commands();
+                    // Unknown commands get Redis's own error first.
+                    if let Some((full, _)) = args.get(0).and_then(|n| table.resolve(n, args.get(1)))
+                    {
+                        self.local(
+                            format!("-ERR Can't execute '{full}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n")
+                                .as_bytes(),
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+        }
         // Inside a pinned transaction every command goes to its node.
         if let Some((pin, multi_entry)) = self.tx {
             let node = match pin {
@@ -899,6 +927,13 @@ impl ClusterSession {
                 }
             }
         }
+    }
+
+    /// Any subscription requested and not dropped, on any node.
+    fn subscribed(&self) -> bool {
+        self.nodes
+            .values()
+            .any(|n| n.intent.iter().any(|s| !s.is_empty()))
     }
 
     fn shard_total(&self) -> usize {

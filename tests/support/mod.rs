@@ -12,6 +12,7 @@
 //! - `PUBWARDEN_TESTS_BIN=/path/to/stand-in` runs another executable in place of pubwarden.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod net;
 pub mod otlp;
 pub mod policy;
