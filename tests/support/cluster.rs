@@ -19,6 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// (start, end, owner port) of each slot range, as one node reports it.
+type SlotRanges = Vec<(u16, u16, u16)>;
+
 use super::net::{RawConn, Stop, free_port, loopback};
 use super::procs::{WaitFor, ping, scratch_dir, tail_file, wait_exit};
 use super::resp::{Value, decode, encode, escape_short};
@@ -462,7 +465,7 @@ impl RedisCluster {
     /// each with one online master and one online replica, the same slot map everywhere, all
     /// slots covered, no slot importing or migrating; every replica's link to its master is up.
     pub fn converged(&self) -> Result<(), String> {
-        let mut reference: Option<(u16, Vec<(u16, u16, u16)>)> = None;
+        let mut reference: Option<(u16, SlotRanges)> = None;
         for node in &self.nodes {
             let port = node.port;
             let info = value_text(&node_call(port, &["CLUSTER", "INFO"])?);
