@@ -311,12 +311,11 @@ impl Watched {
                 log_tail(proxy)
             );
             let seq = self.loads.entry(key).or_default();
-            if kind == "smessage" {
-                if let Some(&max) = seq.iter().max() {
-                    if n < max {
-                        self.inversions.push((channel.clone(), n, max));
-                    }
-                }
+            if kind == "smessage"
+                && let Some(&max) = seq.iter().max()
+                && n < max
+            {
+                self.inversions.push((channel.clone(), n, max));
             }
             seq.push(n);
         } else if payload.starts_with("marker-") {
