@@ -132,8 +132,10 @@ impl Drop for OpenGuard {
 }
 
 /// A client connection before the relay takes it over.
+/// The TLS side is boxed: every connection's task holds this across awaits,
+/// and a rustls connection is large next to a socket.
 type ClientStream =
-    tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+    tokio_util::either::Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>;
 
 /// Accepts clients until shutdown begins. `tls`: this is the TLS listener
 /// (`tls:` in the settings), whose clients handshake first.
@@ -246,8 +248,9 @@ async fn handshake(
         (Some(settings), true) => settings,
         _ => return Some(ClientStream::Left(tcp)),
     };
-    match crate::tls::accept(settings, tcp).await {
-        Ok(stream) => Some(ClientStream::Right(stream)),
+    // Boxed: the handshake's state would otherwise size every connection's task.
+    match Box::pin(crate::tls::accept(settings, tcp)).await {
+        Ok(stream) => Some(ClientStream::Right(Box::new(stream))),
         // Closed before a ClientHello: a TCP port check (load balancers,
         // tcpSocket probes), not a failed handshake.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -287,7 +290,7 @@ fn into_transport(stream: ClientStream) -> Transport {
     match stream {
         ClientStream::Left(tcp) => Transport::Plain(tcp),
         ClientStream::Right(tls) => {
-            let (tcp, conn) = tls.into_inner();
+            let (tcp, conn) = (*tls).into_inner();
             Transport::Tls(Box::new(TlsTransport::new(
                 tcp,
                 rustls::Connection::Server(conn),
@@ -336,7 +339,8 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
     if let Some(cluster) = &shared.cluster {
         let (session, out_rx) =
             crate::cluster::session::ClusterSession::new(cluster.clone(), &shared.settings, gate);
-        let ended = session.run(client, out_rx, shared.drain.clone()).await;
+        // Boxed, so standalone connections' tasks do not carry its size.
+        let ended = Box::pin(session.run(client, out_rx, shared.drain.clone())).await;
         tracing::info!(
             %peer,
             duration_ms = started.elapsed().as_millis() as u64,

@@ -14,14 +14,16 @@ use crate::transport::{TlsTransport, Transport};
 
 /// A connection to Redis before the relay takes it over: plain, or TLS
 /// with the handshake done.
-pub type Stream = tokio_util::either::Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+/// The TLS side is boxed so that connection tasks stay small.
+pub type Stream =
+    tokio_util::either::Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// Hands a connection to the relay's non-blocking transport.
 pub fn into_transport(stream: Stream) -> Transport {
     match stream {
         tokio_util::either::Either::Left(tcp) => Transport::Plain(tcp),
         tokio_util::either::Either::Right(tls) => {
-            let (tcp, conn) = tls.into_inner();
+            let (tcp, conn) = (*tls).into_inner();
             Transport::Tls(Box::new(TlsTransport::new(
                 tcp,
                 rustls::Connection::Client(conn),
@@ -155,12 +157,14 @@ pub async fn connect(settings: &Upstream) -> Result<Stream, ConnectError> {
         Some(tls) => {
             let name = crate::tls::server_name(tls, &address)?;
             let connector = tokio_rustls::TlsConnector::from(tls.live.config());
-            let handshake =
-                tokio::time::timeout(settings.connect_timeout, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| ConnectError::Timeout(settings.connect_timeout))?;
+            let handshake = tokio::time::timeout(
+                settings.connect_timeout,
+                Box::pin(connector.connect(name, tcp)),
+            )
+            .await
+            .map_err(|_| ConnectError::Timeout(settings.connect_timeout))?;
             match handshake {
-                Ok(s) => Stream::Right(s),
+                Ok(s) => Stream::Right(Box::new(s)),
                 Err(e) => {
                     return Err(ConnectError::Tls {
                         reason: crate::tls::failure_reason(&e),
