@@ -41,6 +41,9 @@ pub struct ClusterSettings {
     /// Pass Redis's own `sunsubscribe` (slot moved) to the client instead of
     /// subscribing the channel again on the new owner.
     pub pass_sunsubscribe: bool,
+    /// Serve SSUBSCRIBE from the shard's replicas (spread by slot) rather
+    /// than its master, which then only takes SPUBLISH.
+    pub shard_replicas: bool,
 }
 
 impl Default for ClusterSettings {
@@ -49,6 +52,7 @@ impl Default for ClusterSettings {
             seeds: Vec::new(),
             refresh_interval: Duration::from_secs(5),
             pass_sunsubscribe: false,
+            shard_replicas: false,
         }
     }
 }
@@ -118,6 +122,19 @@ impl Cluster {
         masters.sort_unstable();
         let i = self.next_home.load(Ordering::Relaxed) % n;
         Some(masters[i].to_string())
+    }
+
+    /// Where a session subscribes to a shard channel of `slot`: its master,
+    /// or with `shard_replicas` one of its replicas (a replica serves its
+    /// master's shard channels; Redis propagates SPUBLISH to them).
+    pub fn shard_subscriber_node(&self, slot: u16) -> Option<String> {
+        let t = self.topology();
+        let shard = t.shard(slot)?;
+        if self.settings.shard_replicas && !shard.replicas.is_empty() {
+            let i = usize::from(slot) % shard.replicas.len();
+            return Some(shard.replicas[i].clone());
+        }
+        Some(shard.master.clone())
     }
 
     /// Settings for a connection to `node`.

@@ -162,6 +162,8 @@ pub struct ClusterSession {
     watch_node: Option<usize>,
     /// Shard channels that lost their node, to subscribe again.
     orphans: Vec<Box<[u8]>>,
+    /// When each re-subscribed shard channel lost its node (for the gap).
+    lost_at: HashMap<Box<[u8]>, Instant>,
     gate: Option<Gate>,
     parser: RequestParser,
     limits: crate::config::Limits,
@@ -266,6 +268,7 @@ impl ClusterSession {
                 tx: None,
                 watch_node: None,
                 orphans: Vec::new(),
+                lost_at: HashMap::new(),
                 gate,
                 parser,
                 limits: settings.limits.clone(),
@@ -814,7 +817,11 @@ impl ClusterSession {
         frames: usize,
         shape: Shape,
     ) -> Result<Option<usize>, Ended> {
-        let owner = self.cluster.topology().master(slot).map(str::to_string);
+        let owner = if shape == Shape::Subs(SubKind::Shard) {
+            self.cluster.shard_subscriber_node(slot)
+        } else {
+            self.cluster.topology().master(slot).map(str::to_string)
+        };
         let node = match owner {
             Some(addr) => self.node(&addr).await,
             None => None,
@@ -1028,6 +1035,12 @@ impl ClusterSession {
                 set.remove(&ch[..]);
             }
         }
+        if adding
+            && kind == SubKind::Shard
+            && let Some(lost) = channel.as_deref().and_then(|ch| self.lost_at.remove(ch))
+        {
+            self.cluster.metrics.cluster_shard_gap(lost.elapsed());
+        }
         let bytes = if kind == SubKind::Shard {
             // A single server counts all of the client's shard channels.
             confirmation(push, word, channel.as_deref(), self.shard_total())
@@ -1055,6 +1068,9 @@ impl ClusterSession {
             let bytes = confirmation(push, b"sunsubscribe", Some(ch), self.shard_total());
             self.deliver(node, &bytes);
         } else {
+            self.lost_at
+                .entry(Box::from(ch))
+                .or_insert_with(Instant::now);
             self.orphans.push(Box::from(ch));
         }
     }
@@ -1062,16 +1078,15 @@ impl ClusterSession {
     /// Subscribes lost shard channels again on their current owners.
     async fn resubscribe_orphans(&mut self) {
         let orphans = std::mem::take(&mut self.orphans);
-        let topology = self.cluster.topology();
         let mut groups: Vec<(String, Vec<Box<[u8]>>)> = Vec::new();
         for ch in orphans {
-            let Some(owner) = topology.master(slot::slot(&ch)) else {
+            let Some(owner) = self.cluster.shard_subscriber_node(slot::slot(&ch)) else {
                 self.orphans.push(ch);
                 continue;
             };
-            match groups.iter_mut().find(|(a, _)| a == owner) {
+            match groups.iter_mut().find(|(a, _)| *a == owner) {
                 Some((_, v)) => v.push(ch),
-                None => groups.push((owner.to_string(), vec![ch])),
+                None => groups.push((owner, vec![ch])),
             }
         }
         for (addr, chans) in groups {
@@ -1272,6 +1287,10 @@ impl ClusterSession {
                 let _ = self.out_tx.send(Bytes::from(bytes));
             }
         } else {
+            let now = Instant::now();
+            for ch in &n.subs[2] {
+                self.lost_at.entry(ch.clone()).or_insert(now);
+            }
             self.orphans.extend(n.subs[2].iter().cloned());
         }
         Ok(())

@@ -730,7 +730,12 @@ fn read_cluster(
     let m = r.section(
         up,
         "cluster",
-        &["seeds", "refresh_interval", "pass_sunsubscribe"],
+        &[
+            "seeds",
+            "refresh_interval",
+            "pass_sunsubscribe",
+            "shard_replicas",
+        ],
     );
     let mut c = crate::cluster::ClusterSettings::default();
     if let Some((node, path)) = m.as_ref().and_then(|mm| mm.get("seeds")) {
@@ -755,12 +760,16 @@ fn read_cluster(
     }) {
         c.refresh_interval = v;
     }
-    if let Some(v) = r.field(&m, "pass_sunsubscribe", |t| match t.trim() {
+    let boolean = |t: &str| match t.trim() {
         "true" => Ok(true),
         "false" => Ok(false),
         other => Err(format!("`{other}` is not true or false")),
-    }) {
+    };
+    if let Some(v) = r.field(&m, "pass_sunsubscribe", boolean) {
         c.pass_sunsubscribe = v;
+    }
+    if let Some(v) = r.field(&m, "shard_replicas", boolean) {
+        c.shard_replicas = v;
     }
     Some(c)
 }
@@ -866,6 +875,7 @@ impl fmt::Display for Settings {
                     writeln!(f, "    seeds: [{}]", c.seeds.join(", "))?;
                     writeln!(f, "    refresh_interval: {}", d(c.refresh_interval))?;
                     writeln!(f, "    pass_sunsubscribe: {}", c.pass_sunsubscribe)?;
+                    writeln!(f, "    shard_replicas: {}", c.shard_replicas)?;
                 }
             }
             None => writeln!(f, "  address: {}", self.upstream.address)?,

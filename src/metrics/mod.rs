@@ -306,6 +306,7 @@ pub struct Metrics {
     cluster_refreshes: [Counter; 2],
     cluster_redirects: [Counter; 2],
     cluster_shard_resubscribes: Counter,
+    cluster_shard_gap: Counter<f64>,
     cluster_node_connections: Family<Labels, Gauge>,
 }
 
@@ -603,6 +604,13 @@ impl Metrics {
             "pubwarden_cluster_shard_resubscribes",
             "Shard channels subscribed again on their new owner after a slot moved or its master failed over",
         );
+        let cluster_shard_gap = Counter::<f64>::default();
+        registry.register(
+            "pubwarden_cluster_shard_resubscribe_gap_seconds",
+            "Total time shard channels were without a subscription between losing their node and being subscribed again",
+            cluster_shard_gap.clone(),
+        );
+        let mut r = Reg(&mut registry);
         let cluster_node_connections = r.gauges(
             "pubwarden_cluster_node_connections",
             "Open connections to each cluster node, by node",
@@ -745,6 +753,7 @@ impl Metrics {
             cluster_redirects: ["moved", "ask"]
                 .map(|k| cluster_redirects_f.get_or_create_owned(&labels(&[("kind", k)]))),
             cluster_shard_resubscribes,
+            cluster_shard_gap,
             cluster_node_connections,
         }
     }
@@ -1051,6 +1060,11 @@ impl Metrics {
 
     pub fn cluster_shard_resubscribed(&self, channels: u64) {
         self.cluster_shard_resubscribes.inc_by(channels);
+    }
+
+    /// A shard channel was subscribed again `gap` after losing its node.
+    pub fn cluster_shard_gap(&self, gap: Duration) {
+        self.cluster_shard_gap.inc_by(gap.as_secs_f64());
     }
 
     /// A connection to `node` opened (`+1`) or closed (`-1`).
