@@ -337,8 +337,11 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
         None => None,
     };
     if let Some(cluster) = &shared.cluster {
-        let (session, out_rx) =
+        let (mut session, out_rx) =
             crate::cluster::session::ClusterSession::new(cluster.clone(), &shared.settings, gate);
+        if shared.metrics.enabled() {
+            session.count_with(&shared.metrics);
+        }
         // Boxed, so standalone connections' tasks do not carry its size.
         let ended = Box::pin(session.run(client, out_rx, shared.drain.clone())).await;
         tracing::info!(

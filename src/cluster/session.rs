@@ -165,6 +165,10 @@ pub struct ClusterSession {
     /// When each re-subscribed shard channel lost its node (for the gap).
     lost_at: HashMap<Box<[u8]>, Instant>,
     gate: Option<Gate>,
+    /// `None` when metrics are off.
+    metrics: Option<crate::metrics::ConnMetrics>,
+    /// The request being routed was recorded in `metrics`.
+    counted: bool,
     parser: RequestParser,
     limits: crate::config::Limits,
     quit: bool,
@@ -269,6 +273,8 @@ impl ClusterSession {
                 watch_node: None,
                 orphans: Vec::new(),
                 lost_at: HashMap::new(),
+                metrics: None,
+                counted: false,
                 gate,
                 parser,
                 limits: settings.limits.clone(),
@@ -276,6 +282,15 @@ impl ClusterSession {
             },
             out_rx,
         )
+    }
+
+    /// Counts commands, publishes and deliveries in `metrics`.
+    pub fn count_with(&mut self, metrics: &Arc<crate::metrics::Metrics>) {
+        let mut m = crate::metrics::ConnMetrics::new(metrics.clone());
+        if let Some(label) = self.gate.as_ref().and_then(Gate::user_label) {
+            m.set_user(label);
+        }
+        self.metrics = Some(m);
     }
 
     /// Runs the session over `client` until it ends.
@@ -509,6 +524,17 @@ impl ClusterSession {
     }
 
     async fn on_client_input(&mut self, buf: &mut BytesMut) -> Result<(), Ended> {
+        if let Some(m) = &mut self.metrics {
+            m.begin_batch();
+        }
+        let result = self.parse_client_input(buf).await;
+        if let Some(m) = &mut self.metrics {
+            m.end_client_batch();
+        }
+        result
+    }
+
+    async fn parse_client_input(&mut self, buf: &mut BytesMut) -> Result<(), Ended> {
         let mut at = 0;
         loop {
             let frame = match self.parser.next(buf, at) {
@@ -545,8 +571,28 @@ impl ClusterSession {
         Ok(())
     }
 
+    /// Routes one request, and tells metrics which queue entry answers it.
+    async fn request(&mut self, request: Bytes, argv: Vec<Box<[u8]>>) -> Result<(), Ended> {
+        let start = self.next_entry;
+        self.counted = false;
+        let result = self.route(request, argv).await;
+        if self.counted
+            && let Some(m) = &mut self.metrics
+        {
+            let id = self
+                .queue
+                .iter()
+                .rev()
+                .map(|(id, _)| *id)
+                .take_while(|&id| id >= start)
+                .min();
+            m.renumber_last(id);
+        }
+        result
+    }
+
     /// Routes one request.
-    async fn request(&mut self, mut request: Bytes, argv: Vec<Box<[u8]>>) -> Result<(), Ended> {
+    async fn route(&mut self, mut request: Bytes, argv: Vec<Box<[u8]>>) -> Result<(), Ended> {
         let refs: Vec<&[u8]> = argv.iter().map(|a| &**a).collect();
         let encoded = crate::resp::encode_command(&refs);
         let mut parser = RequestParser::new(self.limits.request);
@@ -588,6 +634,11 @@ impl ClusterSession {
             }
         }
         let name = cmd.name;
+        // The client's entry for this request is the next one created.
+        if let Some(m) = &mut self.metrics {
+            m.request(self.next_entry, &cmd, &args);
+            self.counted = true;
+        }
         match cmd.kind {
             Kind::Quit => {
                 self.local(b"+OK\r\n");
@@ -992,6 +1043,18 @@ impl ClusterSession {
                 {
                     return;
                 }
+                if let Some(m) = &mut self.metrics
+                    && let Some(f) = crate::resp::frame::fast_delivery(&frame, 0)
+                {
+                    let kind = match word.as_slice() {
+                        b"pmessage" => crate::session::DeliveryKind::PMessage,
+                        b"smessage" => crate::session::DeliveryKind::SMessage,
+                        _ => crate::session::DeliveryKind::Message,
+                    };
+                    m.begin_batch();
+                    m.delivery(kind, &f, &frame);
+                    m.end_batch(self.out_queued.load(Ordering::Relaxed));
+                }
                 self.deliver(node, &frame);
                 return;
             }
@@ -1248,6 +1311,11 @@ impl ClusterSession {
             if let Some(e) = self.entries.remove(&id)
                 && !e.out.is_empty()
             {
+                if let Some(m) = &mut self.metrics {
+                    let mut scanner = FrameScanner::new(self.limits.max_reply_depth);
+                    let first = scanner.next(&e.out, 0).ok().flatten();
+                    m.answered_seq(id, first.as_ref().map(|f| (f, &e.out[..])));
+                }
                 self.out_queued.fetch_add(e.out.len(), Ordering::Relaxed);
                 let _ = self.out_tx.send(e.out.freeze());
             }

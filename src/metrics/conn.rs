@@ -198,6 +198,31 @@ impl ConnMetrics {
         }
     }
 
+    /// Renumbers the request recorded last (cluster mode learns a
+    /// request's queue position only after routing it).
+    pub fn renumber_last(&mut self, seq: Option<u64>) {
+        match seq {
+            Some(seq) => {
+                if let Some(e) = self.inflight.back_mut() {
+                    e.seq = seq;
+                }
+            }
+            None => {
+                self.inflight.pop_back();
+            }
+        }
+    }
+
+    /// The request queued at `seq` was answered with `reply` (cluster
+    /// mode, where requests finish in any order across nodes).
+    pub fn answered_seq(&mut self, seq: u64, reply: Option<(&Frame, &[u8])>) {
+        if let Some(i) = self.inflight.iter().position(|e| e.seq == seq)
+            && let Some(e) = self.inflight.remove(i)
+        {
+            self.finish(e, reply);
+        }
+    }
+
     fn finish(&mut self, e: InFlight, reply: Option<(&Frame, &[u8])>) {
         let c = self.m.command(usize::from(e.command));
         let elapsed = self.now.saturating_duration_since(e.sent).as_nanos() as u64;
