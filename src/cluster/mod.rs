@@ -1,7 +1,7 @@
 //! `upstream.mode: cluster`: Redis Cluster behind one ordinary endpoint.
 //!
 //! Clients speak to pubwarden as to one Redis. Each client session keeps a
-//! *home* node (a master, spread round-robin) for classic pub/sub and
+//! *home* node (one master per pubwarden process) for classic pub/sub and
 //! keyless commands, and opens connections to other nodes as its keyed
 //! commands and shard channels need them ([`session`]). Keyed commands go to
 //! the master of their first key's slot; `MOVED`/`ASK` are followed inside

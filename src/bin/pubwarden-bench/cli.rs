@@ -18,7 +18,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "redis,haproxy,pubwarden")]
     pub targets: Vec<String>,
 
-    /// Scenarios: publish, fanout, fanout-psub, latency, connscale.
+    /// Scenarios: publish, fanout, fanout-psub, latency, connscale, and the
+    /// sharded spublish, sfanout, slatency (SPUBLISH / SSUBSCRIBE; Redis 7).
     #[arg(
         long,
         value_delimiter = ',',
@@ -45,6 +46,17 @@ pub struct Args {
     /// haproxy binary.
     #[arg(long, default_value = "haproxy")]
     pub haproxy_bin: String,
+
+    /// Run against a Redis Cluster of 3 masters (no replicas) started by the
+    /// bench: `redis` and `haproxy` reach the master owning the benchmark's
+    /// channels (which share the hash tag {bench}), `pubwarden` runs with
+    /// `upstream.mode: cluster` and the nodes as seeds.
+    #[arg(long)]
+    pub cluster: bool,
+
+    /// redis-cli binary (for `redis-cli --cluster create` with --cluster).
+    #[arg(long, default_value = "redis-cli")]
+    pub redis_cli_bin: String,
 
     /// Rounds; each round runs every target once per scenario, in rotated order
     /// [default: 5, quick: 2].
@@ -140,6 +152,7 @@ pub struct Plan {
     pub params: Params,
     pub haproxy: bool,
     pub redis: bool,
+    pub cluster: bool,
     /// (target name, config) for each pubwarden target.
     pub pubwardens: Vec<(String, Option<PathBuf>)>,
 }
@@ -213,8 +226,19 @@ impl Args {
                     }
                 }
                 "connscale" => scenarios.push(Scenario::ConnScale),
+                "spublish" => scenarios.push(Scenario::SPublish),
+                "sfanout" => scenarios.push(Scenario::SFanout),
+                "slatency" => {
+                    for &r in &self.latency_rates {
+                        if !(1..=10_000_000).contains(&r) {
+                            bail!("latency rate must be 1..=10000000 msgs/s, got {r}");
+                        }
+                        scenarios.push(Scenario::SLatency(r));
+                    }
+                }
                 other => bail!(
-                    "unknown scenario {other:?} (known: publish, fanout, fanout-psub, latency, connscale)"
+                    "unknown scenario {other:?} (known: publish, fanout, fanout-psub, latency, connscale, \
+                     spublish, sfanout, slatency)"
                 ),
             }
         }
@@ -257,6 +281,7 @@ impl Args {
             scenarios,
             haproxy,
             redis,
+            cluster: self.cluster,
             pubwardens,
             params: Params {
                 duration,
@@ -272,6 +297,7 @@ impl Args {
                 latency_subscribers: self.latency_subscribers,
                 conn_subscribers,
                 conn_concurrency: self.conn_concurrency,
+                cluster: self.cluster,
             },
         })
     }

@@ -99,6 +99,8 @@ pub struct PubOpts {
     pub batch: usize,
     pub max_outstanding: usize,
     pub payload_size: usize,
+    /// `PUBLISH` or `SPUBLISH`.
+    pub command: &'static [u8],
 }
 
 /// Publishes pipelined batches until `shared.stop`, then waits for all replies.
@@ -111,7 +113,7 @@ pub async fn publisher(
     start: Instant,
 ) -> Result<()> {
     let mut s = connect(addr).await?;
-    let mut enc = PublishEncoder::new(&channels, o.payload_size, id);
+    let mut enc = PublishEncoder::with_command(o.command, &channels, o.payload_size, id);
     let nchan = enc.channels();
     let mut wbuf = Vec::with_capacity(o.batch * enc.frame_len());
     let mut rbuf = vec![0u8; 64 * 1024];
@@ -165,6 +167,9 @@ pub enum Subscription {
     Channels(Rc<Vec<String>>),
     /// PSUBSCRIBE to one pattern (one ack).
     Pattern(String),
+    /// SSUBSCRIBE to each of these channels (one ack each; in a cluster they
+    /// must share a slot).
+    Shard(Rc<Vec<String>>),
 }
 
 /// Per-subscriber results, read by the orchestrator after the run.
@@ -223,6 +228,12 @@ async fn subscriber_inner(
         Subscription::Pattern(p) => {
             encode_command(&mut cmd, &[b"PSUBSCRIBE", p.as_bytes()]);
             1
+        }
+        Subscription::Shard(chs) => {
+            let mut args: Vec<&[u8]> = vec![b"SSUBSCRIBE"];
+            args.extend(chs.iter().map(|c| c.as_bytes()));
+            encode_command(&mut cmd, &args);
+            chs.len()
         }
     };
     s.write_all(&cmd).await?;
@@ -307,9 +318,12 @@ pub struct RatePubResult {
 /// Publishes `rate` messages/s for `secs` on a blocking socket from a dedicated
 /// thread (tokio's 1 ms timer is too coarse). Each payload carries its
 /// *scheduled* send time, so a stalled sender shows up as latency (no
-/// coordinated omission). A second thread reads the replies.
+/// coordinated omission). A second thread reads the replies. `command` is
+/// `PUBLISH` or `SPUBLISH`.
+#[allow(clippy::too_many_arguments)]
 pub fn rate_publisher(
     addr: SocketAddr,
+    command: &'static [u8],
     channels: Vec<String>,
     payload_size: usize,
     rate: f64,
@@ -353,7 +367,7 @@ pub fn rate_publisher(
         }
         Ok(res)
     });
-    let mut enc = PublishEncoder::new(&channels, payload_size, 0);
+    let mut enc = PublishEncoder::with_command(command, &channels, payload_size, 0);
     let nchan = enc.channels();
     let mut wbuf = Vec::with_capacity(1024 * enc.frame_len());
     let period_ns = 1e9 / rate;

@@ -28,6 +28,18 @@
 //! target/release/pubwarden-bench --quick
 //! ```
 //!
+//! Cluster mode (`--cluster`): a 3-master Redis Cluster (no replicas) on free
+//! loopback ports, all masters on the Redis CPU. Every channel shares the hash
+//! tag `{bench}`, so `redis` (direct) and `haproxy` reach the one master that
+//! owns that slot, while `pubwarden` runs with `upstream.mode: cluster` (its
+//! classic pub/sub goes to its home master, its SPUBLISH/SSUBSCRIBE to the
+//! slot's master). The sharded scenarios (`spublish`, `sfanout`, `slatency`)
+//! work in both modes:
+//!
+//! ```text
+//! target/release/pubwarden-bench --cluster --scenarios publish,fanout,sfanout,latency --quick
+//! ```
+//!
 //! Without pubwarden (e.g. before it is built):
 //! `target/release/pubwarden-bench --quick --targets redis,haproxy`.
 //! Comparing pubwarden configurations:
@@ -76,8 +88,13 @@ fn real_main(args: Args) -> Result<bool> {
     let pinning_text = if pin_ok {
         sys::pin_current_thread(args.load_cpu)?;
         format!(
-            "redis-server on CPU {r} (taskset -c {r}); proxy under test (haproxy / pubwarden) on CPU {l} \
+            "{redis} on CPU {r} (taskset -c {r}); proxy under test (haproxy / pubwarden) on CPU {l} \
              (taskset -c {l}); load generator (this process, all threads) on CPU {l} (sched_setaffinity)",
+            redis = if args.cluster {
+                "redis-server (all 3 cluster masters)"
+            } else {
+                "redis-server"
+            },
             r = args.redis_cpu,
             l = args.load_cpu
         )
@@ -163,8 +180,21 @@ async fn run(
             .saturating_sub(256)
             .div_euclid(2)
             .clamp(1000, 100_000),
+        cluster: plan.cluster,
+        redis_cli_bin: args.redis_cli_bin.clone(),
     };
     let mut fleet = Fleet::start(&spec).await?;
+    if let Some(c) = &fleet.cluster {
+        let nodes: Vec<String> = c.nodes.iter().map(|n| n.to_string()).collect();
+        println!(
+            "pubwarden-bench: cluster of {} masters ({}); hash tag {} is slot {}, owned by {}",
+            nodes.len(),
+            nodes.join(", "),
+            targets::HASH_TAG,
+            c.slot,
+            c.owner
+        );
+    }
     for t in &fleet.targets {
         println!(
             "pubwarden-bench: target {:<12} {} (pid {})",
@@ -180,8 +210,10 @@ async fn run(
     if targets.is_empty() {
         return Err(anyhow!("no targets selected"));
     }
+    let cluster = fleet.cluster.clone();
     let names: Vec<String> = targets.iter().map(|t| t.name.clone()).collect();
-    let baseline = targets::connected_clients(fleet.redis_addr).await?;
+    let redis_nodes = fleet.redis_nodes.clone();
+    let baseline = Fleet::connected_clients(&redis_nodes).await?;
 
     let est: Duration = plan
         .scenarios
@@ -213,7 +245,12 @@ async fn run(
                 }
                 let t = &targets[ti];
                 run_no += 1;
-                let tag = format!("pwb:{}:{run_no}", std::process::id());
+                let tag = if plan.cluster {
+                    // One slot for every channel of the run.
+                    format!("{}.pwb:{}:{run_no}", targets::HASH_TAG, std::process::id())
+                } else {
+                    format!("pwb:{}:{run_no}", std::process::id())
+                };
                 let at_secs = bench_start.elapsed().as_secs_f64();
                 let limit = plan.params.warmup + plan.params.duration + Duration::from_secs(150);
                 let result = match tokio::time::timeout(
@@ -244,7 +281,7 @@ async fn run(
                     result,
                 });
                 // Let every proxy close its upstream connections before the next run.
-                let settled = wait_clients(fleet.redis_addr, baseline).await;
+                let settled = wait_clients(&redis_nodes, baseline).await;
                 if !settled {
                     eprintln!(
                         "pubwarden-bench: warning: Redis still has extra clients 10 s after a run on {}",
@@ -274,6 +311,7 @@ async fn run(
             &records,
             &names,
             total,
+            cluster.as_ref(),
         )?;
         println!("raw results written to {}", path.display());
     }
@@ -323,11 +361,11 @@ fn progress(r: &Result<RunResult, String>) -> String {
     }
 }
 
-/// Waits (at most 10 s) until Redis is back to `baseline` clients.
-async fn wait_clients(redis: std::net::SocketAddr, baseline: u64) -> bool {
+/// Waits (at most 10 s) until Redis (all nodes) is back to `baseline` clients.
+async fn wait_clients(redis: &[std::net::SocketAddr], baseline: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        match targets::connected_clients(redis).await {
+        match Fleet::connected_clients(redis).await {
             Ok(n) if n <= baseline => return true,
             Ok(_) => {}
             Err(_) => return false,
@@ -347,6 +385,7 @@ fn write_json(
     records: &[Record],
     names: &[String],
     total: f64,
+    cluster: Option<&targets::ClusterInfo>,
 ) -> Result<()> {
     let p = &plan.params;
     let cmdline: Vec<String> = std::env::args().map(|a| esc(&a)).collect();
@@ -373,7 +412,7 @@ fn write_json(
             )
         })
         .collect();
-    let header = vec![
+    let mut header = vec![
         ("tool".to_string(), esc("pubwarden-bench")),
         ("version".into(), esc(env!("CARGO_PKG_VERSION"))),
         ("command_line".into(), format!("[{}]", cmdline.join(","))),
@@ -405,6 +444,19 @@ fn write_json(
         ("scenarios".into(), format!("[{}]", scen.join(","))),
         ("total_secs".into(), num(total)),
     ];
+    if let Some(c) = cluster {
+        let nodes: Vec<String> = c.nodes.iter().map(|n| esc(&n.to_string())).collect();
+        header.push((
+            "cluster".into(),
+            format!(
+                "{{\"masters\":[{}],\"hash_tag\":{},\"slot\":{},\"owner\":{}}}",
+                nodes.join(","),
+                esc(targets::HASH_TAG),
+                c.slot,
+                esc(&c.owner.to_string())
+            ),
+        ));
+    }
     let doc = report::json(&header, records, &plan.scenarios, names);
     std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))
 }

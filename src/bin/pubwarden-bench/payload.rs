@@ -57,11 +57,22 @@ pub struct PublishEncoder {
 
 impl PublishEncoder {
     pub fn new(channels: &[String], payload_size: usize, publisher: u32) -> Self {
+        Self::with_command(b"PUBLISH", channels, payload_size, publisher)
+    }
+
+    /// Like [`PublishEncoder::new`] with another two-argument publish command
+    /// (`SPUBLISH`).
+    pub fn with_command(
+        command: &[u8],
+        channels: &[String],
+        payload_size: usize,
+        publisher: u32,
+    ) -> Self {
         let prefixes = channels
             .iter()
             .map(|c| {
                 let mut p = Vec::new();
-                encode_command(&mut p, &[b"PUBLISH", c.as_bytes()]);
+                encode_command(&mut p, &[command, c.as_bytes()]);
                 // Turn "*2" into "*3" and append the payload bulk header.
                 p[1] = b'3';
                 p.push(b'$');
@@ -257,5 +268,15 @@ mod tests {
             panic!("parse");
         };
         assert_eq!(decode(p).map(|h| h.seq), Some(0));
+    }
+
+    #[test]
+    fn spublish_frames() {
+        let chans = vec!["{bench}.c".to_string()];
+        let mut e = PublishEncoder::with_command(b"SPUBLISH", &chans, 32, 0);
+        let mut out = Vec::new();
+        e.push(&mut out, 0, 7);
+        assert!(out.starts_with(b"*3\r\n$8\r\nSPUBLISH\r\n$9\r\n{bench}.c\r\n$32\r\n"));
+        assert_eq!(out.len(), e.frame_len());
     }
 }

@@ -106,12 +106,13 @@ enum Elem {
 /// What a subscriber connection received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push<'a> {
-    /// `message` (SUBSCRIBE) or `pmessage` (PSUBSCRIBE) delivery.
+    /// `message` (SUBSCRIBE), `pmessage` (PSUBSCRIBE) or `smessage`
+    /// (SSUBSCRIBE) delivery.
     Message {
         channel: &'a [u8],
         payload: &'a [u8],
     },
-    /// `subscribe` / `psubscribe` confirmation.
+    /// `subscribe` / `psubscribe` / `ssubscribe` confirmation.
     SubAck,
     /// An error reply.
     Error,
@@ -190,7 +191,7 @@ pub fn parse_push(buf: &[u8]) -> Parsed<Push<'_>> {
         Elem::Int(_) => Err(ProtoError("expected bulk string")),
     };
     let push = match (&buf[ks..ke], count) {
-        (b"message", 3) => Push::Message {
+        (b"message", 3) | (b"smessage", 3) => Push::Message {
             channel: bulk(elems[1])?,
             payload: bulk(elems[2])?,
         },
@@ -202,6 +203,93 @@ pub fn parse_push(buf: &[u8]) -> Parsed<Push<'_>> {
         _ => Push::Other,
     };
     Ok(Some((push, pos)))
+}
+
+/// A whole reply, owned: for the few setup queries (CLUSTER INFO / NODES /
+/// KEYSLOT), not for the load path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Value>>),
+}
+
+impl Value {
+    /// The text of a bulk or status reply.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Value::Status(s) => Some(s.clone()),
+            Value::Bulk(Some(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        }
+    }
+}
+
+/// Parses one complete reply of any RESP2 type (nesting up to 8 deep).
+pub fn parse_value(buf: &[u8]) -> Parsed<Value> {
+    parse_value_at(buf, 0)
+}
+
+fn parse_value_at(buf: &[u8], depth: usize) -> Parsed<Value> {
+    if depth > 8 {
+        return Err(ProtoError("reply nested too deeply"));
+    }
+    let line = |buf: &[u8]| -> Parsed<String> {
+        Ok(skip_line(buf, 1 << 20)?.map(|((), n)| {
+            let end = n.saturating_sub(2).max(1);
+            (String::from_utf8_lossy(&buf[1..end]).into_owned(), n)
+        }))
+    };
+    match buf.first() {
+        None => Ok(None),
+        Some(b'+') => Ok(line(buf)?.map(|(s, n)| (Value::Status(s), n))),
+        Some(b'-') => Ok(line(buf)?.map(|(s, n)| (Value::Error(s), n))),
+        Some(b':') => Ok(parse_int_line(&buf[1..])?.map(|(v, n)| (Value::Int(v), n + 1))),
+        Some(b'$') => {
+            let Some((len, n)) = parse_int_line(&buf[1..])? else {
+                return Ok(None);
+            };
+            if len < 0 {
+                return Ok(Some((Value::Bulk(None), n + 1)));
+            }
+            let len = len as usize;
+            if len > MAX_BULK {
+                return Err(ProtoError("bulk too large"));
+            }
+            let start = 1 + n;
+            if buf.len() < start + len + 2 {
+                return Ok(None);
+            }
+            if &buf[start + len..start + len + 2] != b"\r\n" {
+                return Err(ProtoError("bulk not terminated by CRLF"));
+            }
+            Ok(Some((
+                Value::Bulk(Some(buf[start..start + len].to_vec())),
+                start + len + 2,
+            )))
+        }
+        Some(b'*') => {
+            let Some((count, n)) = parse_int_line(&buf[1..])? else {
+                return Ok(None);
+            };
+            if count < 0 {
+                return Ok(Some((Value::Array(None), n + 1)));
+            }
+            let mut pos = 1 + n;
+            let mut items = Vec::with_capacity((count as usize).min(1024));
+            for _ in 0..count {
+                let Some((v, used)) = parse_value_at(&buf[pos..], depth + 1)? else {
+                    return Ok(None);
+                };
+                items.push(v);
+                pos += used;
+            }
+            Ok(Some((Value::Array(Some(items)), pos)))
+        }
+        Some(_) => Err(ProtoError("unexpected reply type")),
+    }
 }
 
 /// Appends a command as a RESP multibulk array.
@@ -266,9 +354,49 @@ mod tests {
                 p.len()
             )))
         );
+        let sm = b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n";
+        assert_eq!(
+            parse_push(sm),
+            Ok(Some((
+                Push::Message {
+                    channel: b"ch",
+                    payload: b"hi"
+                },
+                sm.len()
+            )))
+        );
+        let ss = b"*3\r\n$10\r\nssubscribe\r\n$2\r\nch\r\n:1\r\n";
+        assert_eq!(parse_push(ss), Ok(Some((Push::SubAck, ss.len()))));
         let s = b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n";
         assert_eq!(parse_push(s), Ok(Some((Push::SubAck, s.len()))));
         assert!(parse_push(b"*3\r\n$7\r\nmessage\r\n$2\r\nchXX").is_err());
+    }
+
+    #[test]
+    fn values() {
+        let v = b"*2\r\n$3\r\nabc\r\n*2\r\n:5\r\n+OK\r\n";
+        for cut in 0..v.len() {
+            assert_eq!(parse_value(&v[..cut]), Ok(None), "cut {cut}");
+        }
+        assert_eq!(
+            parse_value(v),
+            Ok(Some((
+                Value::Array(Some(vec![
+                    Value::Bulk(Some(b"abc".to_vec())),
+                    Value::Array(Some(vec![Value::Int(5), Value::Status("OK".into())])),
+                ])),
+                v.len()
+            )))
+        );
+        assert_eq!(
+            parse_value(b"-ERR no\r\n"),
+            Ok(Some((Value::Error("ERR no".into()), 9)))
+        );
+        assert_eq!(parse_value(b"$-1\r\n"), Ok(Some((Value::Bulk(None), 5))));
+        assert_eq!(
+            parse_value(b"$2\r\nhi\r\n").map(|r| r.and_then(|(v, _)| v.text())),
+            Ok(Some("hi".to_string()))
+        );
     }
 
     #[test]

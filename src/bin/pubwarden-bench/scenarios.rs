@@ -26,6 +26,12 @@ pub enum Scenario {
     Latency(u64),
     /// Many idle subscribers: time to subscribe all, proxy RSS per connection.
     ConnScale,
+    /// Pipelined SPUBLISH, no subscribers.
+    SPublish,
+    /// Publishers (SPUBLISH) + subscribers using SSUBSCRIBE.
+    SFanout,
+    /// Like `Latency` with SPUBLISH and SSUBSCRIBE.
+    SLatency(u64),
 }
 
 impl Scenario {
@@ -37,11 +43,52 @@ impl Scenario {
             Scenario::Latency(r) if r % 1000 == 0 => format!("latency-{}k", r / 1000),
             Scenario::Latency(r) => format!("latency-{r}"),
             Scenario::ConnScale => "connscale".into(),
+            Scenario::SPublish => "spublish".into(),
+            Scenario::SFanout => "sfanout".into(),
+            Scenario::SLatency(r) if r % 1000 == 0 => format!("slatency-{}k", r / 1000),
+            Scenario::SLatency(r) => format!("slatency-{r}"),
+        }
+    }
+
+    /// Sharded pub/sub (SPUBLISH / SSUBSCRIBE).
+    pub fn sharded(&self) -> bool {
+        matches!(
+            self,
+            Scenario::SPublish | Scenario::SFanout | Scenario::SLatency(_)
+        )
+    }
+
+    fn publish_command(&self) -> &'static [u8] {
+        if self.sharded() {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
         }
     }
 
     pub fn describe(&self, p: &Params) -> String {
+        let mut d = self.describe_load(p);
+        if p.cluster {
+            d.push_str("; cluster: all channels share the hash tag {bench} (one slot, one master)");
+        }
+        d
+    }
+
+    fn describe_load(&self, p: &Params) -> String {
         match self {
+            Scenario::SPublish => format!(
+                "{} publishers, pipelined SPUBLISH (batch {}, <= {} outstanding), {} B payload, {} channels, no subscribers",
+                p.publishers, p.batch, p.max_outstanding, p.payload_size, p.channels
+            ),
+            Scenario::SFanout => format!(
+                "{} publishers (SPUBLISH), {} subscribers each SSUBSCRIBEd to all {} channels, {} B payload",
+                p.fanout_publishers, p.subscribers, p.channels, p.payload_size
+            ),
+            Scenario::SLatency(r) => format!(
+                "1 publisher (SPUBLISH) at a fixed {r} msgs/s, {} subscribers SSUBSCRIBEd to all {} channels, \
+                 {} B payload; latency from the scheduled send time (corrected for coordinated omission)",
+                p.latency_subscribers, p.channels, p.payload_size
+            ),
             Scenario::Publish => format!(
                 "{} publishers, pipelined PUBLISH (batch {}, <= {} outstanding), {} B payload, {} channels, no subscribers",
                 p.publishers, p.batch, p.max_outstanding, p.payload_size, p.channels
@@ -97,6 +144,8 @@ pub struct Params {
     pub latency_subscribers: usize,
     pub conn_subscribers: usize,
     pub conn_concurrency: usize,
+    /// The targets front a Redis Cluster (`--cluster`).
+    pub cluster: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -213,9 +262,11 @@ async fn run_pubsub(
     let channels: Rc<Vec<String>> =
         Rc::new((0..p.channels).map(|i| format!("{tag}:{i}")).collect());
     let (npub, nsub, rate) = match scn {
-        Scenario::Publish => (p.publishers, 0, None),
-        Scenario::Fanout | Scenario::FanoutPsub => (p.fanout_publishers, p.subscribers, None),
-        Scenario::Latency(r) => (1, p.latency_subscribers, Some(r)),
+        Scenario::Publish | Scenario::SPublish => (p.publishers, 0, None),
+        Scenario::Fanout | Scenario::FanoutPsub | Scenario::SFanout => {
+            (p.fanout_publishers, p.subscribers, None)
+        }
+        Scenario::Latency(r) | Scenario::SLatency(r) => (1, p.latency_subscribers, Some(r)),
         Scenario::ConnScale => bail!("not a pub/sub scenario"),
     };
     let sh = Rc::new(Shared::new(nsub as u64, nsub as u64 * p.lag_window));
@@ -232,6 +283,8 @@ async fn run_pubsub(
         )?));
         let sub = if scn == Scenario::FanoutPsub {
             Subscription::Pattern(format!("{tag}:*"))
+        } else if scn.sharded() {
+            Subscription::Shard(channels.clone())
         } else {
             Subscription::Channels(channels.clone())
         };
@@ -271,8 +324,9 @@ async fn run_pubsub(
         let chans: Vec<String> = channels.as_ref().clone();
         let size = p.payload_size;
         let d0 = sh.delivered.get();
+        let command = scn.publish_command();
         let h = tokio::task::spawn_blocking(move || {
-            load::rate_publisher(addr, chans, size, rate as f64, secs, start, from)
+            load::rate_publisher(addr, command, chans, size, rate as f64, secs, start, from)
         });
         let r = h
             .await
@@ -290,6 +344,7 @@ async fn run_pubsub(
             batch: p.batch,
             max_outstanding: p.max_outstanding,
             payload_size: p.payload_size,
+            command: scn.publish_command(),
         };
         let mut pubs = Tasks(
             (0..npub)
@@ -369,9 +424,14 @@ async fn run_pubsub(
         unacked: sent - sh.acked.get().min(sent),
         receivers_reported: sh.receivers.get(),
     };
+    // In a cluster, PUBLISH counts only the subscribers of the node it ran
+    // on: direct and HAProxy put everyone on the owning master, and pubwarden
+    // keeps every session of the process on one home master, so the sum must
+    // still match. SPUBLISH counts the slot master's shard subscribers: all.
     if sh.receivers.get() != expected {
         res.errors.push(format!(
-            "PUBLISH replies reported {} receivers in total, expected {expected} ({sent} messages x {nsub} subscribers)",
+            "{} replies reported {} receivers in total, expected {expected} ({sent} messages x {nsub} subscribers)",
+            String::from_utf8_lossy(scn.publish_command()),
             sh.receivers.get()
         ));
     }
@@ -379,10 +439,11 @@ async fn run_pubsub(
     let pub_rate = published_in_window as f64 / window_secs.max(1e-9);
     let del_rate = delivered_in_window as f64 / window_secs.max(1e-9);
     match scn {
-        Scenario::Publish => res
-            .metrics
-            .push(metric("published", "msg/s", pub_rate, true)),
-        Scenario::Latency(_) => {
+        Scenario::Publish | Scenario::SPublish => {
+            res.metrics
+                .push(metric("published", "msg/s", pub_rate, true))
+        }
+        Scenario::Latency(_) | Scenario::SLatency(_) => {
             let h = hist.ok_or_else(|| anyhow!("no latency histogram"))?;
             if h.is_empty() {
                 bail!("no latency samples recorded");
