@@ -5,7 +5,8 @@
 //! one server would; keyed commands go by slot (hash tags respected), Redis's own `CROSSSLOT`
 //! where keys span slots, pipelines answered in order; a sharded subscriber notices neither a
 //! slot moving to another master nor its master failing over (pubwarden hides Redis's
-//! `sunsubscribe` and subscribes again on the new owner, unless `pass_sunsubscribe`); and
+//! `sunsubscribe` and subscribes again on the new owner, unless `pass_sunsubscribe`), nor its
+//! master being killed (subscribed again once the replica has taken over: a gap only); and
 //! `check-config` refuses incomplete or contradictory cluster settings.
 //!
 //! The first test checks the harness itself against Redis: its slot arithmetic against
@@ -13,7 +14,7 @@
 //! sharded subscriber `sunsubscribe` (what pubwarden must hide).
 //!
 //! Each test starts its own six-node cluster (tests/support/cluster.rs); clusters are started
-//! one at a time, so the tests of this binary run one after another (about 40 s in all).
+//! one at a time, so the tests of this binary run one after another (about 50 s in all).
 
 mod support;
 
@@ -100,14 +101,22 @@ fn int_reply(frame: &[u8]) -> Option<i64> {
 /// Publishes `load-<n>` (n = 1, 2, ...) through pubwarden with each (command, channel) of
 /// `targets` in turn, as fast as replies come (with a 2 ms pause between rounds); opens a new
 /// connection after an error reply, close or timeout. Counts acknowledged publishes (`:<n>`)
-/// and keeps the first non-integer replies.
+/// and the connections opened, keeps the first non-integer replies, and tallies every failure
+/// by kind.
 struct Publisher {
     stop: Arc<AtomicBool>,
     /// The number of the last round started.
     round: Arc<AtomicU64>,
     acked: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// Connections opened (the first one included).
+    connects: Arc<AtomicU64>,
     bad: Arc<Mutex<Vec<String>>>,
+    /// Every failure by kind: `connect`, `send`, `no reply (<stop>)`, or an error reply's
+    /// first line (at most 60 characters).
+    kinds: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// The round numbers of acknowledged publishes (once per target), in order.
+    acked_rounds: Arc<Mutex<Vec<u64>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -121,9 +130,20 @@ impl Publisher {
         let round = Arc::new(AtomicU64::new(0));
         let acked = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let connects = Arc::new(AtomicU64::new(0));
         let bad = Arc::new(Mutex::new(Vec::new()));
+        let kinds = Arc::new(Mutex::new(BTreeMap::new()));
+        let acked_rounds = Arc::new(Mutex::new(Vec::new()));
         let (s, a, f, b) = (stop.clone(), acked.clone(), failed.clone(), bad.clone());
-        let r = round.clone();
+        let (r, cn, k, ar) = (
+            round.clone(),
+            connects.clone(),
+            kinds.clone(),
+            acked_rounds.clone(),
+        );
+        let tally = move |kind: String| {
+            *k.lock().unwrap().entry(kind).or_insert(0u64) += 1;
+        };
         let handle = std::thread::spawn(move || {
             let mut conn: Option<RawConn> = None;
             let mut n = 0u64;
@@ -135,9 +155,13 @@ impl Publisher {
                     let mut c = match conn.take() {
                         Some(c) => c,
                         None => match RawConn::try_connect(addr) {
-                            Ok(c) => c,
+                            Ok(c) => {
+                                cn.fetch_add(1, Ordering::Relaxed);
+                                c
+                            }
                             Err(e) => {
                                 f.fetch_add(1, Ordering::Relaxed);
+                                tally("connect".to_string());
                                 push_bad(&b, format!("connect: {e}"));
                                 std::thread::sleep(millis(50));
                                 continue;
@@ -146,6 +170,7 @@ impl Publisher {
                     };
                     if let Err(e) = c.try_send(&encode(&[cmd.as_str(), channel, &payload])) {
                         f.fetch_add(1, Ordering::Relaxed);
+                        tally("send".to_string());
                         push_bad(&b, format!("{cmd} {channel} {payload}: send: {e}"));
                         continue;
                     }
@@ -153,15 +178,20 @@ impl Publisher {
                     match got.frames.first() {
                         Some(frame) if frame.starts_with(b":") => {
                             a.fetch_add(1, Ordering::Relaxed);
+                            ar.lock().unwrap().push(n);
                             conn = Some(c);
                         }
                         Some(frame) => {
                             f.fetch_add(1, Ordering::Relaxed);
+                            let line = String::from_utf8_lossy(frame);
+                            let line = line.lines().next().unwrap_or_default();
+                            tally(line.chars().take(60).collect());
                             push_bad(&b, format!("{cmd} {channel} {payload}: {}", text(frame)));
                             std::thread::sleep(millis(20));
                         }
                         None => {
                             f.fetch_add(1, Ordering::Relaxed);
+                            tally(format!("no reply ({:?})", got.stop));
                             push_bad(
                                 &b,
                                 format!("{cmd} {channel} {payload}: no reply ({:?})", got.stop),
@@ -178,13 +208,34 @@ impl Publisher {
             round,
             acked,
             failed,
+            connects,
             bad,
+            kinds,
+            acked_rounds,
             handle: Some(handle),
         }
     }
 
     fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// Every failure so far by kind.
+    fn failure_kinds(&self) -> BTreeMap<String, u64> {
+        self.kinds.lock().unwrap().clone()
+    }
+
+    /// The round numbers of the publishes acknowledged so far.
+    fn acked_rounds(&self) -> Vec<u64> {
+        self.acked_rounds.lock().unwrap().clone()
     }
 
     /// The number of the round being published now (its payload is `load-<round>`).
@@ -235,6 +286,9 @@ struct Watched {
     inversions: Vec<(String, u64, u64)>,
     /// (kind, channel, payload) of every marker seen.
     markers: Vec<(String, String, String)>,
+    /// (when it was read, n) of every `load-<n>`, in arrival order (read times are as fine as
+    /// the test's reads are frequent).
+    timeline: Vec<(Instant, u64)>,
     messages: u64,
 }
 
@@ -247,6 +301,7 @@ impl Watched {
             seen_loads: HashMap::new(),
             inversions: Vec::new(),
             markers: Vec::new(),
+            timeline: Vec::new(),
             messages: 0,
         }
     }
@@ -318,6 +373,7 @@ impl Watched {
                 self.inversions.push((channel.clone(), n, max));
             }
             seq.push(n);
+            self.timeline.push((Instant::now(), n));
         } else if payload.starts_with("marker-") {
             self.markers.push((kind, channel, payload));
         }
@@ -1501,6 +1557,293 @@ fn a_failover_is_invisible_to_subscribers() {
     }
     sharded.assert_in_order_from(steady_from, "after the failover");
     assert_pong(&sharded_pong, "the sharded subscriber after the failover");
+}
+
+/// The longest silence between two consecutive load arrivals of `timeline` that ended after
+/// `since`: (its length, (read time, n) of the load before it, of the load after it).
+type Gap = (Duration, (Instant, u64), (Instant, u64));
+
+fn longest_gap_after(timeline: &[(Instant, u64)], since: Instant) -> Option<Gap> {
+    timeline
+        .windows(2)
+        .filter(|w| w[1].0 > since)
+        .map(|w| (w[1].0 - w[0].0, w[0], w[1]))
+        .max_by_key(|g| g.0)
+}
+
+/// `t` as `+<duration>` after `origin` or `-<duration>` before it.
+fn relative(t: Instant, origin: Instant) -> String {
+    match t.checked_duration_since(origin) {
+        Some(d) => format!("+{d:?}"),
+        None => format!("-{:?}", origin - t),
+    }
+}
+
+/// Whether the node on `port` says (ROLE) that it is a master.
+fn is_master(port: u16) -> bool {
+    node_call(port, &["ROLE"]).is_ok_and(|v| {
+        v.items()
+            .and_then(|i| i.first())
+            .and_then(Value::bytes)
+            .is_some_and(|r| r == b"master")
+    })
+}
+
+/// docs/cluster.md: "If a node connection holding shard channels dies (master killed), the
+/// channels are subscribed again as soon as the slot map names a new master (it is re-read
+/// every 250 ms meanwhile)", and a client whose requests were owed by the lost node is closed.
+/// Here under SPUBLISH load, with the replica taking over after `cluster-node-timeout`; the
+/// subscriber's gap is measured and printed.
+#[test]
+fn a_killed_master_is_followed_by_sharded_subscribers() {
+    let mut cluster = RedisCluster::start();
+    let proxy = cluster.start_pubwarden(&[], "");
+    let old = cluster.master_ports()[0];
+    let replica = cluster.replica_of(old);
+    let chan = cluster.name_in_shard("killed-master", old);
+    let slot = key_slot(chan.as_bytes());
+    assert_eq!(cluster.owner(slot), old);
+
+    let mut raw = proxy.connect();
+    subscribe_checked(
+        &mut raw,
+        &["SSUBSCRIBE", &chan],
+        &[confirmation("ssubscribe", &chan, 1)],
+        &proxy,
+    );
+    let mut sharded = Watched::new("sharded", raw);
+    let publisher = Publisher::start(proxy.addr(), &[("SPUBLISH", &chan)]);
+    wait_until(secs(10), "publishes before the kill", || {
+        sharded.pump(millis(100), &proxy);
+        if sharded.messages >= 50 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} messages, {} acked",
+                sharded.messages,
+                publisher.acked()
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", log_tail(&proxy)));
+    assert_eq!(
+        publisher.failed(),
+        0,
+        "SPUBLISH failed before the kill: {:?}; log:\n{}",
+        publisher.failure_kinds(),
+        log_tail(&proxy)
+    );
+    let resubs_before = proxy
+        .metric("pubwarden_cluster_shard_resubscribes_total", &[])
+        .unwrap_or(0.0);
+    let connects_before = publisher.connects();
+    let acked_before = publisher.acked();
+
+    // SIGKILL the master of the channel's slot, under load; read the subscriber all along (in
+    // 100 ms slices; the checks between two slices, the longest of which is printed, bound the
+    // resolution of the measured gap) until the replica has taken over and the surviving
+    // nodes have settled without the killed one.
+    let killed_at = Instant::now();
+    cluster.kill_node(old);
+    let mut promoted: Option<Duration> = None;
+    let mut resubscribed: Option<Duration> = None;
+    let mut resumed: Option<Duration> = None;
+    let mut paused = Duration::ZERO;
+    loop {
+        sharded.pump(millis(100), &proxy);
+        let checks = Instant::now();
+        if promoted.is_none() && is_master(replica) {
+            promoted = Some(killed_at.elapsed());
+        }
+        if resubscribed.is_none()
+            && proxy
+                .metric("pubwarden_cluster_shard_resubscribes_total", &[])
+                .is_some_and(|v| v > resubs_before)
+        {
+            resubscribed = Some(killed_at.elapsed());
+        }
+        if resumed.is_none() && publisher.acked() > acked_before {
+            resumed = Some(killed_at.elapsed());
+        }
+        let last = match cluster.taken_over(old, replica, slot) {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        paused = paused.max(checks.elapsed());
+        assert!(
+            killed_at.elapsed() < secs(30),
+            "port {replica} did not take over from the killed master on port {old} within \
+             30 s (promoted: {promoted:?}); last state: {last}\nmetrics:\n{}\npubwarden \
+             log:\n{}\n{}",
+            cluster_lines(&proxy.metrics()),
+            log_tail(&proxy),
+            cluster.logs()
+        );
+    }
+    let settled = killed_at.elapsed();
+    let acked_at_takeover = publisher.acked();
+
+    // pubwarden follows: it reads the slot map again when a node connection is lost and every
+    // 250 ms while shard channels wait for an owner, so its map names the new master shortly
+    // after the cluster does (not necessarily before the harness has seen the cluster settle).
+    // The publisher, refused or closed meanwhile, gets an acknowledgement again.
+    let settled_at = Instant::now();
+    loop {
+        sharded.pump(millis(50), &proxy);
+        let checks = Instant::now();
+        if resubscribed.is_none()
+            && proxy
+                .metric("pubwarden_cluster_shard_resubscribes_total", &[])
+                .is_some_and(|v| v > resubs_before)
+        {
+            resubscribed = Some(killed_at.elapsed());
+        }
+        if resumed.is_none() && publisher.acked() > acked_before {
+            resumed = Some(killed_at.elapsed());
+        }
+        if publisher.acked() > acked_at_takeover {
+            break;
+        }
+        assert!(
+            settled_at.elapsed() < secs(10),
+            "no SPUBLISH through pubwarden acknowledged within 10 s of the takeover: {} acked \
+             ({acked_before} before the kill, {acked_at_takeover} at the takeover); failures \
+             {:?}\nmetrics:\n{}\npubwarden log:\n{}\n{}",
+            publisher.acked(),
+            publisher.failure_kinds(),
+            cluster_lines(&proxy.metrics()),
+            log_tail(&proxy),
+            cluster.logs()
+        );
+        paused = paused.max(checks.elapsed());
+    }
+
+    // A marker published after the takeover reaches the subscriber, subscribed again on the
+    // new master (and never told sunsubscribe: Watched panics at any other frame).
+    publish_markers_until(
+        &proxy,
+        "SPUBLISH",
+        &chan,
+        &mut [&mut sharded],
+        secs(20),
+        &cluster,
+    );
+    let resubs = proxy.wait_metric(
+        "pubwarden_cluster_shard_resubscribes_total",
+        &[],
+        secs(10),
+        |v| v >= 1.0,
+    );
+    assert!(
+        resubs.is_some_and(|v| v >= 1.0),
+        "pubwarden_cluster_shard_resubscribes_total after the kill: {resubs:?}\n{}",
+        cluster_lines(&proxy.metrics())
+    );
+    assert_eq!(
+        node_call(replica, &["PUBSUB", "SHARDNUMSUB", &chan]),
+        Ok(Value::Array(vec![
+            Value::Bulk(chan.as_bytes().to_vec()),
+            Value::Int(1)
+        ])),
+        "PUBSUB SHARDNUMSUB {chan} on the new master (port {replica}): pubwarden's \
+         subscription; log:\n{}",
+        log_tail(&proxy)
+    );
+    // The publisher (closed or refused during the outage) reconnected and goes on.
+    let acked_at_markers = publisher.acked();
+    wait_until(secs(10), "publishes acknowledged after the markers", || {
+        sharded.pump(millis(100), &proxy);
+        if publisher.acked() > acked_at_markers + 20 {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} acked, {acked_at_markers} after the markers; failures {:?}",
+                publisher.acked(),
+                publisher.failure_kinds()
+            ))
+        }
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", log_tail(&proxy)));
+    assert!(
+        proxy.wait_for_status_until("/readyz", 200, secs(10)),
+        "/readyz is {:?} after the takeover; metrics:\n{}\nlog:\n{}",
+        proxy.http_status("/readyz"),
+        cluster_lines(&proxy.metrics()),
+        log_tail(&proxy)
+    );
+    let connects = publisher.connects();
+    let kinds = publisher.failure_kinds();
+    let acked_rounds = publisher.acked_rounds();
+    let (acked, failed, bad) = publisher.finish();
+    sharded.pump(millis(500), &proxy);
+    let pong = sharded.ping(&proxy);
+
+    // The gap: the longest the subscriber read nothing, ending after the kill.
+    let (gap, before, after) = longest_gap_after(&sharded.timeline, killed_at)
+        .unwrap_or_else(|| panic!("no message arrived after the kill"));
+    let seen = sharded
+        .seen_loads
+        .get(&("smessage".to_string(), chan.clone()))
+        .cloned()
+        .unwrap_or_default();
+    let lost: Vec<u64> = acked_rounds
+        .iter()
+        .copied()
+        .filter(|n| !seen.contains(n))
+        .collect();
+    let metrics = proxy.metrics();
+    eprintln!(
+        "killed master port {old} (slot {slot}); replica port {replica} a master after \
+         {promoted:?}; the surviving nodes settled after {settled:?}; pubwarden subscribed \
+         again after {resubscribed:?} (as its metric was seen); publishing through \
+         pubwarden acknowledged again after {resumed:?} (as seen)\n\
+         gap: the subscriber read no message for {gap:?} (load-{} read at the kill {}, \
+         load-{} at the kill {}; reads paused at most {paused:?} between 100 ms slices); {} \
+         publish round(s) in between\n\
+         publisher: {acked} acknowledged ({acked_before} before the kill, {acked_at_takeover} \
+         at the takeover), {failed} failed {kinds:?}, {connects} connection(s) ({} since \
+         the kill); {} acknowledged publish(es) never delivered: {:?}\n\
+         subscriber read {} messages; metrics:\n{}",
+        before.1,
+        relative(before.0, killed_at),
+        after.1,
+        relative(after.0, killed_at),
+        after.1.saturating_sub(before.1 + 1),
+        connects - connects_before,
+        lost.len(),
+        &lost[..lost.len().min(20)],
+        sharded.messages,
+        cluster_lines(&metrics)
+    );
+
+    assert!(
+        !bad.iter()
+            .any(|b| b.contains("-MOVED") || b.contains("-ASK")),
+        "the publisher saw a redirect: {bad:?}"
+    );
+    // During the outage the publisher may be closed (a request of its was on the lost node)
+    // or told the slot is not served; nothing else (no hang, no other error).
+    let unexpected: Vec<(&String, &u64)> = kinds
+        .iter()
+        .filter(|(k, _)| {
+            !(k.starts_with("-CLUSTERDOWN")
+                || k.as_str() == "no reply (Eof)"
+                || k.as_str() == "send")
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "the publisher failed otherwise than by a close or -CLUSTERDOWN: {unexpected:?} (all: \
+         {kinds:?}, first: {bad:?}); log:\n{}",
+        log_tail(&proxy)
+    );
+    assert!(
+        connects > connects_before,
+        "the publisher never reconnected ({connects} connections; failures {kinds:?})"
+    );
+    // Last, as it hides nothing else: shard messages in order across the kill.
+    sharded.assert_in_order("across the killed master");
+    assert_pong(&pong, "the sharded subscriber after the takeover");
 }
 
 trait WaitStatus {

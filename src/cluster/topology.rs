@@ -57,6 +57,29 @@ impl Topology {
         self.slots.iter().filter(|&&s| s != NONE).count()
     }
 
+    /// The same map whichever node described it: nodes list shards and
+    /// replicas in their own order, and without this every read from
+    /// another node would look like a change.
+    fn canonical(mut self) -> Self {
+        let mut order: Vec<usize> = (0..self.shards.len()).collect();
+        order.sort_by(|&a, &b| self.shards[a].master.cmp(&self.shards[b].master));
+        let mut new_index = vec![0u16; self.shards.len()];
+        for (new, &old) in order.iter().enumerate() {
+            new_index[old] = new as u16;
+        }
+        for s in &mut self.slots {
+            if *s != NONE {
+                *s = new_index[usize::from(*s)];
+            }
+        }
+        let mut shards: Vec<Shard> = order.iter().map(|&i| self.shards[i].clone()).collect();
+        for sh in &mut shards {
+            sh.replicas.sort_unstable();
+        }
+        self.shards = shards;
+        self
+    }
+
     fn add(&mut self, shard: Shard, ranges: &[(u16, u16)]) {
         let i = match self.shards.iter().position(|s| s.master == shard.master) {
             Some(i) => i,
@@ -141,7 +164,7 @@ pub fn from_shards(reply: &Value, tls: bool) -> Option<Topology> {
             t.add(Shard { master, replicas }, &ranges);
         }
     }
-    (!t.shards.is_empty()).then_some(t)
+    (!t.shards.is_empty()).then(|| t.canonical())
 }
 
 /// Parses `CLUSTER SLOTS` (before Redis 7).
@@ -159,7 +182,7 @@ pub fn from_slots(reply: &Value) -> Option<Topology> {
         let replicas = items.iter().skip(3).filter_map(node).collect();
         t.add(Shard { master, replicas }, &[(start, end)]);
     }
-    (!t.shards.is_empty()).then_some(t)
+    (!t.shards.is_empty()).then(|| t.canonical())
 }
 
 #[cfg(test)]
@@ -213,5 +236,11 @@ mod tests {
         );
         assert_eq!(t.nodes(), 3);
         assert_eq!(t.covered(), 16384);
+        // Another node lists the shards the other way round: the same map.
+        let Value::Array(mut shards) = reply.clone() else {
+            unreachable!("built as an array above")
+        };
+        shards.reverse();
+        assert_eq!(from_shards(&Value::Array(shards), false), Some(t));
     }
 }

@@ -4,8 +4,9 @@
 //! shards of a master and a replica each, all killed on drop. Plus the slot arithmetic (CRC16
 //! XMODEM with hash tags), the cluster's view of itself (`CLUSTER SHARDS` on every node),
 //! resharding one slot by hand (`CLUSTER SETSLOT ... IMPORTING / MIGRATING`, `MIGRATE`,
-//! `CLUSTER SETSLOT ... NODE`), a manual failover (`CLUSTER FAILOVER` on a replica), and
-//! pubwarden started in `upstream.mode: cluster` against it.
+//! `CLUSTER SETSLOT ... NODE`), a manual failover (`CLUSTER FAILOVER` on a replica), a master
+//! killed and its replica's takeover checked without it, and pubwarden started in
+//! `upstream.mode: cluster` against it.
 //!
 //! Clusters are started one at a time per test binary (a process-wide lock held by each
 //! [`RedisCluster`]): six servers, their 2 s node timeout and a failover must not be starved
@@ -460,13 +461,26 @@ impl RedisCluster {
         }
     }
 
-    /// Why the cluster is not (yet) settled, or Ok: every running node says
-    /// `cluster_state:ok` and knows all nodes; every node's CLUSTER SHARDS lists three shards
-    /// each with one online master and one online replica, the same slot map everywhere, all
-    /// slots covered, no slot importing or migrating; every replica's link to its master is up.
+    /// Why the cluster is not (yet) settled, or Ok: every node says `cluster_state:ok` and
+    /// knows all nodes; every node's CLUSTER SHARDS lists three shards each with one online
+    /// master and one online replica, the same slot map everywhere, all slots covered, no slot
+    /// importing or migrating; every replica's link to its master is up.
     pub fn converged(&self) -> Result<(), String> {
+        self.converged_without(&[])
+    }
+
+    /// [`RedisCluster::converged`] for a cluster that lost the nodes on `down` (killed, not
+    /// forgotten): those nodes are not asked, and are left out of every survivor's CLUSTER
+    /// SHARDS before it is checked. Every survivor must say `cluster_state:ok` and still know
+    /// all six nodes; its shards, without the nodes on `down`, must be three, each with exactly
+    /// one master, every node in them online, `6 - down.len()` nodes in all (a shard whose
+    /// master was killed keeps its promoted replica only; a killed master that Redis still
+    /// lists as a master of no slots, its own shard in CLUSTER SHARDS, is dropped, and must
+    /// hold no slots); the same slot map on every survivor, all slots covered by masters that
+    /// are up, nothing importing or migrating, every surviving replica's link up.
+    pub fn converged_without(&self, down: &[u16]) -> Result<(), String> {
         let mut reference: Option<(u16, SlotRanges)> = None;
-        for node in &self.nodes {
+        for node in self.nodes.iter().filter(|n| !down.contains(&n.port)) {
             let port = node.port;
             let info = value_text(&node_call(port, &["CLUSTER", "INFO"])?);
             if info_field(&info, "cluster_state").as_deref() != Some("ok") {
@@ -478,7 +492,21 @@ impl RedisCluster {
                     info_field(&info, "cluster_known_nodes")
                 ));
             }
-            let shards = shards_on(port)?;
+            let mut shards = Vec::new();
+            for mut s in shards_on(port)? {
+                s.nodes.retain(|n| !down.contains(&n.port));
+                if s.nodes.is_empty() {
+                    if !s.slots.is_empty() {
+                        return Err(format!(
+                            "port {port}: slots {:?} are still owned by a node that is down \
+                             ({down:?})",
+                            s.slots
+                        ));
+                    }
+                    continue;
+                }
+                shards.push(s);
+            }
             if shards.len() != 3 {
                 return Err(format!("port {port}: {} shards: {shards:?}", shards.len()));
             }
@@ -489,12 +517,29 @@ impl RedisCluster {
                         .filter(|n| n.role == role && n.health == "online")
                         .count()
                 };
-                if s.nodes.len() != 2 || online("master") != 1 || online("replica") != 1 {
+                // All six up: a master and a replica each; else what is left of the shard.
+                let replicas = if down.is_empty() {
+                    1
+                } else {
+                    s.nodes.len() - 1
+                };
+                if s.nodes.len() != replicas + 1
+                    || online("master") != 1
+                    || online("replica") != replicas
+                {
                     return Err(format!(
-                        "port {port}: a shard is not one online master and one online \
-                         replica: {s:?}"
+                        "port {port}: a shard is not one online master and {replicas} online \
+                         replica(s): {s:?}"
                     ));
                 }
+            }
+            let listed: usize = shards.iter().map(|s| s.nodes.len()).sum();
+            if listed != NODES - down.len() {
+                return Err(format!(
+                    "port {port}: {listed} nodes up in CLUSTER SHARDS, {} expected ({down:?} \
+                     down): {shards:?}",
+                    NODES - down.len()
+                ));
             }
             let map = slot_map(&shards);
             let covered: usize = map.iter().map(|&(a, b, _)| usize::from(b - a) + 1).sum();
@@ -756,6 +801,38 @@ impl RedisCluster {
              {now:?}"
         );
         replica
+    }
+
+    /// The port of the (first) replica of the master on `master_port`.
+    pub fn replica_of(&self, master_port: u16) -> u16 {
+        self.shard_of_master(master_port)
+            .replicas()
+            .first()
+            .map(|n| n.port)
+            .unwrap_or_else(|| panic!("the shard of port {master_port} has no replica"))
+    }
+
+    /// Whether `replica` has taken over from the killed master on `killed` (one check, no
+    /// waiting, so that a test can read its subscribers between checks): Ok once `replica`
+    /// says (ROLE) it is a master, every surviving node names it the owner of `slot`,
+    /// and the cluster has settled without the killed node
+    /// ([`RedisCluster::converged_without`]).
+    pub fn taken_over(&self, killed: u16, replica: u16, slot: u16) -> Result<(), String> {
+        let role = node_call(replica, &["ROLE"])?;
+        match role.items().and_then(|i| i.first()).and_then(Value::bytes) {
+            Some(b"master") => {}
+            _ => return Err(format!("port {replica} is not a master yet: ROLE {role:?}")),
+        }
+        for n in self.nodes.iter().filter(|n| n.port != killed) {
+            let owner = self.owner_on(n.port, slot)?;
+            if owner != replica {
+                return Err(format!(
+                    "port {} names port {owner} as the owner of slot {slot}",
+                    n.port
+                ));
+            }
+        }
+        self.converged_without(&[killed])
     }
 
     /// Kills the node on `port` (SIGKILL).
