@@ -40,8 +40,11 @@ const MAX_REDIRECTS: u8 = 5;
 /// Reads (batches of frames) a node reader hands over before waiting for
 /// the session: with 64 KiB reads, at most 4 MiB per node connection.
 const FRAME_QUEUE: usize = 64;
-/// Bytes asked of the kernel per node read, as the standalone relay does.
-const NODE_READ: usize = 64 * 1024;
+/// Bytes asked of the kernel per node read: up to what the standalone relay
+/// reads when a node keeps filling the buffer, and little while it is quiet,
+/// since an idle subscriber's reader waits holding its buffer.
+const NODE_READ_MAX: usize = 64 * 1024;
+const NODE_READ_MIN: usize = 4 * 1024;
 
 /// Why a cluster session ended, for the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -567,9 +570,7 @@ impl ClusterSession {
             } else {
                 &buf[frame.start..frame.end]
             });
-            let args = self.parser.args(buf, &frame);
-            let owned: Vec<Box<[u8]>> = args.iter().map(Box::from).collect();
-            self.request(request, owned).await?;
+            self.request(request).await?;
             if self.quit {
                 break;
             }
@@ -583,10 +584,10 @@ impl ClusterSession {
     }
 
     /// Routes one request, and tells metrics which queue entry answers it.
-    async fn request(&mut self, request: Bytes, argv: Vec<Box<[u8]>>) -> Result<(), Ended> {
+    async fn request(&mut self, request: Bytes) -> Result<(), Ended> {
         let start = self.next_entry;
         self.counted = false;
-        let result = self.route(request, argv).await;
+        let result = self.route(request).await;
         if self.counted
             && let Some(m) = &mut self.metrics
         {
@@ -603,14 +604,17 @@ impl ClusterSession {
     }
 
     /// Routes one request.
-    async fn route(&mut self, mut request: Bytes, argv: Vec<Box<[u8]>>) -> Result<(), Ended> {
-        let refs: Vec<&[u8]> = argv.iter().map(|a| &**a).collect();
-        let encoded = crate::resp::encode_command(&refs);
+    /// `request` is one whole request in multibulk form (inline requests
+    /// arrive already rewritten by the client parser).
+    async fn route(&mut self, mut request: Bytes) -> Result<(), Ended> {
+        // Arguments are read from a handle of their own: the request may be
+        // replaced below (HELLO without its AUTH part).
+        let original = request.clone();
         let mut parser = RequestParser::new(self.limits.request);
-        let Ok(Some(frame)) = parser.next(&encoded, 0) else {
+        let Ok(Some(frame)) = parser.next(&original, 0) else {
             return Ok(());
         };
-        let args = parser.args(&encoded, &frame);
+        let args = parser.args(&original, &frame);
         let cmd = Command::classify(&args);
         let mut filtered = false;
         if let Some(gate) = self.gate.as_mut() {
@@ -1345,6 +1349,8 @@ impl ClusterSession {
 
     /// Writes complete entries at the head of the client queue.
     fn flush(&mut self) {
+        // Consecutive answers go to the client writer as one buffer.
+        let mut out = BytesMut::new();
         while let Some((id, _)) = self.queue.front() {
             let done = self.entries.get(id).is_none_or(|e| e.frames_left == 0);
             if !done {
@@ -1366,9 +1372,16 @@ impl ClusterSession {
                     let first = scanner.next(&e.out, 0).ok().flatten();
                     m.answered_seq(id, first.as_ref().map(|f| (f, &e.out[..])));
                 }
-                self.out_queued.fetch_add(e.out.len(), Ordering::Relaxed);
-                let _ = self.out_tx.send(e.out.freeze());
+                if out.is_empty() {
+                    out = e.out;
+                } else {
+                    out.extend_from_slice(&e.out);
+                }
             }
+        }
+        if !out.is_empty() {
+            self.out_queued.fetch_add(out.len(), Ordering::Relaxed);
+            let _ = self.out_tx.send(out.freeze());
         }
     }
 
@@ -1475,15 +1488,27 @@ async fn read_node<R: AsyncRead + Unpin>(
     frames: mpsc::Sender<(usize, Option<Vec<Bytes>>)>,
     max_depth: usize,
 ) {
-    let mut buf = BytesMut::with_capacity(NODE_READ);
+    let mut buf = BytesMut::new();
+    let mut want = NODE_READ_MIN;
     let mut scanner = FrameScanner::new(max_depth);
     // The scanner holds the state of a partly read frame.
     let mut scanner_mid = false;
     loop {
-        match r.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        if buf.capacity() - buf.len() < want / 4 {
+            buf.reserve(want);
         }
+        let spare = buf.capacity() - buf.len();
+        let n = match r.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        want = if n == spare {
+            (want * 2).min(NODE_READ_MAX)
+        } else if n < want / 8 {
+            NODE_READ_MIN
+        } else {
+            want
+        };
         // Every complete frame of this read goes to the session at once.
         let mut batch = Vec::new();
         loop {
@@ -1522,8 +1547,9 @@ async fn read_node<R: AsyncRead + Unpin>(
         if !batch.is_empty() && frames.send((node, Some(batch))).await.is_err() {
             return;
         }
-        if buf.capacity() - buf.len() < NODE_READ / 4 {
-            buf.reserve(NODE_READ);
+        if buf.is_empty() && want == NODE_READ_MIN {
+            // Quiet: do not wait holding a large buffer.
+            buf = BytesMut::new();
         }
     }
     let _ = frames.send((node, None)).await;
