@@ -245,11 +245,13 @@ pub async fn run(
     let learner = policy
         .clone()
         .map(|rt| tokio::spawn(learn_commands(settings.upstream.clone(), rt)));
-    // Spans name the server; in Sentinel mode that is the master's name.
-    let upstream_name = settings.upstream.sentinel.as_ref().map_or_else(
-        || settings.upstream.address.clone(),
-        |s| s.master_name.clone(),
-    );
+    // Spans name the server; in Sentinel mode that is the master's name,
+    // in cluster mode each span names its node instead.
+    let upstream_name = match (&settings.upstream.sentinel, &settings.upstream.cluster) {
+        (_, Some(_)) => String::new(),
+        (Some(s), None) => s.master_name.clone(),
+        (None, None) => settings.upstream.address.clone(),
+    };
     let traces = telemetry::Tracing::start(&settings.tracing, &upstream_name, &metrics)
         .context("cannot set up trace export (telemetry.tracing)")?;
     let shared = Arc::new(

@@ -342,6 +342,9 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, guard: OpenGuard, tls: bool) {
         if shared.metrics.enabled() {
             session.count_with(&shared.metrics);
         }
+        if let Some(t) = &shared.tracing {
+            session.trace_with(t.conn());
+        }
         // Boxed, so standalone connections' tasks do not carry its size.
         let ended = Box::pin(session.run(client, out_rx, shared.drain.clone())).await;
         tracing::info!(

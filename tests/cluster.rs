@@ -1950,3 +1950,249 @@ fn check_config_refuses_incomplete_or_contradictory_cluster_settings() {
         &["upstream.address", "upstream.cluster.seeds"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tracing.
+
+/// Payloads for the traced test: text, empty, RESP-looking and binary bytes, and one that
+/// looks like an envelope to a careless parser.
+const TRACED_PAYLOADS: &[&[u8]] = &[
+    b"plain text",
+    b"",
+    b"\r\n$5\r\nfake\r\n*3\r\n",
+    b"\0\0\0\xff\xfe\xfd invalid utf-8 \xc3\x28",
+    b"\xffPWE1 but much too short",
+];
+
+#[test]
+fn publishes_and_deliveries_are_traced_in_cluster_mode() {
+    use support::otlp::{CONSUMER, PRODUCER, Receiver, RxSpan, Transport, hex};
+
+    const SHARD_CH: &str = "traced.shard";
+    const CLASSIC_CH: &str = "traced.classic";
+    let cluster = RedisCluster::start();
+    let rx = Receiver::start(Transport::Grpc);
+    let extra = format!(
+        "telemetry:\n  tracing:\n    enabled: true\n    endpoint: {}\n    protocol: grpc\n    \
+         sampling_ratio: 1.0\n    service_name: edge-cluster\n    envelope: [\"traced.*\"]\n",
+        rx.endpoint()
+    );
+    let proxy = cluster.start_pubwarden(&[], &extra);
+    let shard_owner = cluster.owner(key_slot(SHARD_CH.as_bytes()));
+    let ports: Vec<String> = cluster.ports().iter().map(u16::to_string).collect();
+
+    let mut sub = proxy.connect();
+    subscribe_checked(
+        &mut sub,
+        &["SSUBSCRIBE", SHARD_CH],
+        &[confirmation("ssubscribe", SHARD_CH, 1)],
+        &proxy,
+    );
+    subscribe_checked(
+        &mut sub,
+        &["SUBSCRIBE", CLASSIC_CH],
+        // Redis counts shard subscriptions apart from classic ones.
+        &[confirmation("subscribe", CLASSIC_CH, 1)],
+        &proxy,
+    );
+
+    // The receiver counts each publish's reply announced (classic PUBLISH counts the serving
+    // node's subscribers only, so it may be 0 or 1).
+    let mut publisher = proxy.connect();
+    let mut receivers: Vec<(&str, i64)> = Vec::new();
+    for p in TRACED_PAYLOADS {
+        for (cmd, ch) in [("SPUBLISH", SHARD_CH), ("PUBLISH", CLASSIC_CH)] {
+            publisher.send(&encode(&[cmd.as_bytes(), ch.as_bytes(), p]));
+            let reply = publisher.read_one(secs(5));
+            let n = int_reply(&reply).unwrap_or_else(|| {
+                panic!(
+                    "{cmd} {ch} through pubwarden: {}; log:\n{}",
+                    text(&reply),
+                    log_tail(&proxy)
+                )
+            });
+            if cmd == "SPUBLISH" {
+                assert_eq!(n, 1, "SPUBLISH {ch}; log:\n{}", log_tail(&proxy));
+            }
+            receivers.push((ch, n));
+        }
+    }
+
+    // Byte for byte, per channel in publish order (the two channels arrive from different
+    // nodes, so their interleaving is free).
+    let n = TRACED_PAYLOADS.len();
+    let got = sub.read_frames(2 * n, secs(10));
+    let stop = got.stop.clone();
+    let mut per_channel: HashMap<&str, Vec<String>> = HashMap::new();
+    for f in &got.frames {
+        let ch = match push_parts(f) {
+            Some((kind, _)) if kind == "smessage" => SHARD_CH,
+            _ => CLASSIC_CH,
+        };
+        per_channel.entry(ch).or_default().push(escape(f));
+    }
+    for (kind, ch) in [("smessage", SHARD_CH), ("message", CLASSIC_CH)] {
+        let want: Vec<String> = TRACED_PAYLOADS
+            .iter()
+            .map(|p| escape(&encode(&[kind.as_bytes(), ch.as_bytes(), p])))
+            .collect();
+        assert_eq!(
+            per_channel.get(ch).cloned().unwrap_or_default(),
+            want,
+            "deliveries on {ch} ({stop:?}, {} frames in all); pubwarden log:\n{}",
+            got.frames.len(),
+            log_tail(&proxy)
+        );
+    }
+    let (rest, _) = sub.read_until_idle(millis(300), secs(2));
+    assert!(rest.is_empty(), "more frames: {}", text(&rest));
+
+    let by = |spans: &[RxSpan], name: &str, ch: &str| -> Vec<RxSpan> {
+        spans
+            .iter()
+            .filter(|s| s.name == name && s.attr("messaging.destination.name") == Some(ch))
+            .cloned()
+            .collect()
+    };
+    let complete = |s: &[RxSpan]| {
+        by(s, "spublish", SHARD_CH).len() == n
+            && by(s, "publish", CLASSIC_CH).len() == n
+            && by(s, "smessage", SHARD_CH).len() == n
+            && by(s, "message", CLASSIC_CH).len() == n
+    };
+    if !rx.wait_until(secs(15), complete) {
+        let spans = rx.spans();
+        let names: Vec<String> = spans
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} {:?}",
+                    s.name,
+                    s.attr("messaging.destination.name").unwrap_or("-")
+                )
+            })
+            .collect();
+        panic!(
+            "want {n} each of spublish/smessage on {SHARD_CH} and publish/message on \
+             {CLASSIC_CH}; received {} spans: {names:?}\n{spans:#?}\npubwarden log:\n{}",
+            spans.len(),
+            log_tail(&proxy)
+        );
+    }
+    let spans = rx.spans();
+    let context = |what: &str| format!("{what}; pubwarden log:\n{}", log_tail(&proxy));
+
+    for (publish_name, delivery_name, ch) in [
+        ("spublish", "smessage", SHARD_CH),
+        ("publish", "message", CLASSIC_CH),
+    ] {
+        let publishes = by(&spans, publish_name, ch);
+        let deliveries = by(&spans, delivery_name, ch);
+        let mut sizes: Vec<String> = Vec::new();
+        for p in &publishes {
+            assert_eq!(p.kind, PRODUCER, "{}", context(&format!("{p:#?}")));
+            assert_eq!(p.service, "edge-cluster");
+            for (k, v) in [
+                ("messaging.system", "redis"),
+                ("messaging.destination.name", ch),
+                ("messaging.operation.name", publish_name),
+                ("messaging.operation.type", "send"),
+                ("server.address", "127.0.0.1"),
+                ("pubwarden.envelope", "true"),
+            ] {
+                assert_eq!(p.attr(k), Some(v), "{}", context(&format!("{k} of {p:#?}")));
+            }
+            // The node that served it: the slot's master for a shard channel, one of the
+            // cluster's nodes for a classic one.
+            let port = p.attr("server.port").unwrap_or("<none>");
+            if publish_name == "spublish" {
+                assert_eq!(
+                    port,
+                    shard_owner.to_string(),
+                    "{}",
+                    context(&format!(
+                        "server.port of {p:#?} (cluster nodes {ports:?}, {SHARD_CH}'s master \
+                         {shard_owner})"
+                    ))
+                );
+            } else {
+                assert!(
+                    ports.iter().any(|x| x == port),
+                    "{}",
+                    context(&format!(
+                        "server.port of {p:#?} is not a cluster node ({ports:?})"
+                    ))
+                );
+            }
+            assert!(p.attr("error.type").is_none(), "{p:#?}");
+            assert!(p.end_ns >= p.start_ns && p.start_ns > 0, "{p:#?}");
+            sizes.push(p.attr("messaging.message.body.size").unwrap_or("").into());
+        }
+        // Body sizes are the client's payloads, not the envelopes'.
+        let mut want_sizes: Vec<String> = TRACED_PAYLOADS
+            .iter()
+            .map(|p| p.len().to_string())
+            .collect();
+        want_sizes.sort();
+        sizes.sort();
+        assert_eq!(sizes, want_sizes, "body sizes of the {publish_name} spans");
+        // Receiver counts as the client got them.
+        let mut got_receivers: Vec<String> = publishes
+            .iter()
+            .map(|p| {
+                p.attr("pubwarden.receivers")
+                    .unwrap_or("<none>")
+                    .to_string()
+            })
+            .collect();
+        let mut want_receivers: Vec<String> = receivers
+            .iter()
+            .filter(|(c, _)| *c == ch)
+            .map(|(_, n)| n.to_string())
+            .collect();
+        got_receivers.sort();
+        want_receivers.sort();
+        assert_eq!(
+            got_receivers,
+            want_receivers,
+            "{}",
+            context(&format!("pubwarden.receivers of the {publish_name} spans"))
+        );
+
+        for d in &deliveries {
+            assert_eq!(d.kind, CONSUMER, "{d:#?}");
+            assert_eq!(d.service, "edge-cluster");
+            assert_eq!(d.attr("messaging.system"), Some("redis"));
+            assert_eq!(d.attr("messaging.operation.name"), Some(delivery_name));
+            assert_eq!(d.attr("messaging.operation.type"), Some("receive"));
+            assert!(
+                d.attr("messaging.destination.subscription.name").is_none(),
+                "{d:#?}"
+            );
+            assert!(d.end_ns >= d.start_ns, "{d:#?}");
+            // Child of, and linked to, the publish span it delivers.
+            let p = publishes
+                .iter()
+                .find(|p| p.span_id == d.parent_span_id)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}",
+                        context(&format!(
+                            "no {publish_name} span is the parent of {d:#?}; publishes: \
+                             {publishes:#?}"
+                        ))
+                    )
+                });
+            assert_eq!(hex(&d.trace_id), hex(&p.trace_id));
+            assert_eq!(d.links, vec![(p.trace_id.clone(), p.span_id.clone())]);
+            assert_eq!(
+                d.attr("messaging.message.body.size"),
+                p.attr("messaging.message.body.size"),
+                "{d:#?}"
+            );
+        }
+        // One delivery per publish.
+        let parents: BTreeSet<String> = deliveries.iter().map(|d| hex(&d.parent_span_id)).collect();
+        assert_eq!(parents.len(), n, "deliveries of {ch}: {deliveries:#?}");
+    }
+}

@@ -175,6 +175,10 @@ pub struct ClusterSession {
     metrics: Option<crate::metrics::ConnMetrics>,
     /// The request being routed was recorded in `metrics`.
     counted: bool,
+    /// `None` when tracing is off.
+    tracer: Option<crate::telemetry::ConnTracer>,
+    /// Spans pending before the request being routed.
+    traced_before: Option<usize>,
     parser: RequestParser,
     limits: crate::config::Limits,
     quit: bool,
@@ -281,6 +285,8 @@ impl ClusterSession {
                 lost_at: HashMap::new(),
                 metrics: None,
                 counted: false,
+                tracer: None,
+                traced_before: None,
                 gate,
                 parser,
                 limits: settings.limits.clone(),
@@ -297,6 +303,11 @@ impl ClusterSession {
             m.set_user(label);
         }
         self.metrics = Some(m);
+    }
+
+    /// Produces publish and delivery spans with `tracer`.
+    pub fn trace_with(&mut self, tracer: crate::telemetry::ConnTracer) {
+        self.tracer = Some(tracer);
     }
 
     /// Runs the session over `client` until it ends.
@@ -587,18 +598,32 @@ impl ClusterSession {
     async fn request(&mut self, request: Bytes) -> Result<(), Ended> {
         let start = self.next_entry;
         self.counted = false;
+        self.traced_before = None;
         let result = self.route(request).await;
+        let id = self
+            .queue
+            .iter()
+            .rev()
+            .map(|(id, _)| *id)
+            .take_while(|&id| id >= start)
+            .min();
         if self.counted
             && let Some(m) = &mut self.metrics
         {
-            let id = self
-                .queue
-                .iter()
-                .rev()
-                .map(|(id, _)| *id)
-                .take_while(|&id| id >= start)
-                .min();
             m.renumber_last(id);
+        }
+        if let (Some(before), Some(t)) = (self.traced_before, &mut self.tracer)
+            && t.pending() > before
+        {
+            t.renumber_last(id);
+            // The span names the node that serves the request.
+            let node = id
+                .and_then(|id| self.queue.iter().rev().find(|(e, _)| *e == id))
+                .and_then(|(_, touched)| touched.first())
+                .and_then(|n| self.nodes.get(n));
+            if let Some(n) = node {
+                t.routed_to(&n.addr);
+            }
         }
         result
     }
@@ -630,6 +655,9 @@ impl ClusterSession {
                         break;
                     }
                     Verdict::Answer { reply, upstream } => {
+                        if let Some(t) = &mut self.tracer {
+                            t.answered_here(&cmd, &args, gate.user_name(), &reply);
+                        }
                         let authed = gate.authenticated();
                         self.parser.set_unauthenticated(!authed);
                         if let Some(marker) = upstream
@@ -653,6 +681,14 @@ impl ClusterSession {
         if let Some(m) = &mut self.metrics {
             m.request(self.next_entry, &cmd, &args);
             self.counted = true;
+        }
+        if let Some(t) = &mut self.tracer {
+            self.traced_before = Some(t.pending());
+            let user = self.gate.as_ref().and_then(Gate::user_name);
+            if let Some(bytes) = t.request(self.next_entry, &cmd, &args, user) {
+                // A PUBLISH whose payload now carries a trace envelope.
+                request = Bytes::from(bytes);
+            }
         }
         match cmd.kind {
             Kind::Quit => {
@@ -1060,6 +1096,19 @@ impl ClusterSession {
             m.delivery(kind, &f, frame);
             m.end_batch(self.out_queued.load(Ordering::Relaxed));
         }
+        if let Some(t) = &mut self.tracer {
+            t.begin_batch();
+            if let Some(n) = self.nodes.get(&node) {
+                t.set_server(&n.addr);
+            }
+            let stripped = t.delivery(kind, &f, frame);
+            t.end_batch(self.out_queued.load(Ordering::Relaxed));
+            if let Some(bytes) = stripped {
+                // The client gets the payload without pubwarden's envelope.
+                self.deliver(node, Bytes::from(bytes));
+                return true;
+            }
+        }
         self.deliver(node, frame.clone());
         true
     }
@@ -1367,10 +1416,16 @@ impl ClusterSession {
             if let Some(e) = self.entries.remove(&id)
                 && !e.out.is_empty()
             {
-                if let Some(m) = &mut self.metrics {
+                if self.metrics.is_some() || self.tracer.is_some() {
                     let mut scanner = FrameScanner::new(self.limits.max_reply_depth);
                     let first = scanner.next(&e.out, 0).ok().flatten();
-                    m.answered_seq(id, first.as_ref().map(|f| (f, &e.out[..])));
+                    let reply = first.as_ref().map(|f| (f, &e.out[..]));
+                    if let Some(m) = &mut self.metrics {
+                        m.answered_seq(id, reply);
+                    }
+                    if let Some(t) = &mut self.tracer {
+                        t.answered_seq(id, reply);
+                    }
                 }
                 if out.is_empty() {
                     out = e.out;

@@ -137,6 +137,7 @@ impl Tracing {
             completed: 0,
             unwritten: Vec::new(),
             batch_time: None,
+            server: None,
         }
     }
 
@@ -161,12 +162,29 @@ impl Tracing {
             .any(|p| crate::glob::matches(p, channel))
     }
 
-    fn common(&self, attrs: &mut Vec<KeyValue>, user: Option<&str>) {
-        attrs.push(KeyValue::new(
-            semconv::SERVER_ADDRESS,
-            self.server_address.clone(),
-        ));
-        attrs.push(KeyValue::new(semconv::SERVER_PORT, self.server_port));
+    /// `server`: the node involved, where it varies (cluster mode); else the
+    /// one upstream.
+    fn common(
+        &self,
+        attrs: &mut Vec<KeyValue>,
+        user: Option<&str>,
+        server: Option<&(String, i64)>,
+    ) {
+        match server {
+            Some((host, port)) => {
+                attrs.push(KeyValue::new(semconv::SERVER_ADDRESS, host.clone()));
+                attrs.push(KeyValue::new(semconv::SERVER_PORT, *port));
+            }
+            // Cluster mode before routing: the node is set on the span later.
+            None if self.server_address.is_empty() => {}
+            None => {
+                attrs.push(KeyValue::new(
+                    semconv::SERVER_ADDRESS,
+                    self.server_address.clone(),
+                ));
+                attrs.push(KeyValue::new(semconv::SERVER_PORT, self.server_port));
+            }
+        }
         if let Some(u) = user {
             attrs.push(KeyValue::new(semconv::USER_NAME, u.to_string()));
         }
@@ -193,6 +211,17 @@ pub struct ConnTracer {
     unwritten: Vec<Span>,
     /// Wall-clock time of the current read batch, read on first need.
     batch_time: Option<SystemTime>,
+    /// The node the next delivery came from (cluster mode).
+    server: Option<(String, i64)>,
+}
+
+/// `host:port` (or `[v6]:port`) as span attributes.
+fn split_address(address: &str) -> Option<(String, i64)> {
+    let (host, port) = address.rsplit_once(':')?;
+    Some((
+        host.trim_matches(['[', ']']).to_string(),
+        port.parse().ok()?,
+    ))
 }
 
 fn text(b: &[u8]) -> String {
@@ -368,7 +397,7 @@ impl ConnTracer {
             KeyValue::new(semconv::MESSAGING_OPERATION_TYPE, "send"),
             KeyValue::new(semconv::MESSAGING_MESSAGE_BODY_SIZE, size as i64),
         ];
-        self.t.common(&mut attrs, user);
+        self.t.common(&mut attrs, user, self.server.as_ref());
         self.t
             .tracer
             .span_builder(Cow::Borrowed(cmd.name))
@@ -383,7 +412,7 @@ impl ConnTracer {
             KeyValue::new(semconv::DB_SYSTEM_NAME, "redis"),
             KeyValue::new(semconv::DB_OPERATION_NAME, cmd.name.to_ascii_uppercase()),
         ];
-        self.t.common(&mut attrs, user);
+        self.t.common(&mut attrs, user, self.server.as_ref());
         self.t
             .tracer
             .span_builder(Cow::Borrowed(cmd.name))
@@ -417,6 +446,54 @@ impl ConnTracer {
             fail(&mut span, reply);
         }
         span.end();
+    }
+
+    /// The node the next deliveries come from (cluster mode).
+    pub fn set_server(&mut self, address: &str) {
+        self.server = split_address(address);
+    }
+
+    /// Names the node the last recorded request went to (cluster mode
+    /// routes after the span is started).
+    pub fn routed_to(&mut self, address: &str) {
+        if let (Some(e), Some((host, port))) = (self.inflight.back_mut(), split_address(address)) {
+            e.span
+                .set_attribute(KeyValue::new(semconv::SERVER_ADDRESS, host));
+            e.span
+                .set_attribute(KeyValue::new(semconv::SERVER_PORT, port));
+        }
+    }
+
+    /// Spans waiting for their replies (cluster mode renumbers the last).
+    pub fn pending(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Renumbers the span recorded last (cluster mode learns a request's
+    /// queue position only after routing it); `None`: drop it unanswered.
+    pub fn renumber_last(&mut self, seq: Option<u64>) {
+        match seq {
+            Some(seq) => {
+                if let Some(e) = self.inflight.back_mut() {
+                    e.seq = seq;
+                }
+            }
+            None => {
+                if let Some(mut e) = self.inflight.pop_back() {
+                    e.span.end();
+                }
+            }
+        }
+    }
+
+    /// The request at `seq` was answered with `reply` (cluster mode, where
+    /// requests finish in any order across nodes).
+    pub fn answered_seq(&mut self, seq: u64, reply: Option<(&Frame, &[u8])>) {
+        if let Some(i) = self.inflight.iter().position(|e| e.seq == seq)
+            && let Some(e) = self.inflight.remove(i)
+        {
+            finish(e, reply);
+        }
     }
 
     /// Requests the session finished since the last call; `reply` is the
@@ -532,7 +609,7 @@ impl ConnTracer {
             if replaced.is_some() {
                 attrs.push(KeyValue::new("pubwarden.envelope", true));
             }
-            self.t.common(&mut attrs, None);
+            self.t.common(&mut attrs, None, self.server.as_ref());
             let mut builder = self
                 .t
                 .tracer
