@@ -22,6 +22,7 @@ fn registry_families() -> BTreeMap<String, (String, String)> {
     m.sentinel_master("mymaster", "127.0.0.1:6379", None);
     m.global_fallback("shared", "local_share");
     m.cluster_node_connection("127.0.0.1:7000", 1);
+    let _ = m.cluster_node_counters("127.0.0.1:7000");
     let text = m.render(false);
     let mut help = BTreeMap::new();
     let mut out = BTreeMap::new();

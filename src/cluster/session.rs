@@ -119,6 +119,11 @@ struct Node {
     unflushed: usize,
     _tasks: [AbortOnDrop; 2],
     metrics: Arc<crate::metrics::Metrics>,
+    /// Requests sent to, and deliveries from, this node.
+    counters: (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    ),
 }
 
 impl Drop for Node {
@@ -502,6 +507,7 @@ impl ClusterSession {
                 unflushed: 0,
                 _tasks: [AbortOnDrop(reader), AbortOnDrop(writer)],
                 metrics: self.cluster.metrics.clone(),
+                counters: self.cluster.metrics.cluster_node_counters(addr),
             },
         );
         self.by_addr.insert(addr.to_string(), i);
@@ -531,6 +537,9 @@ impl ClusterSession {
         };
         if frames > 0 {
             node.owed.push_back((id, frames));
+        }
+        if !self.entries.get(&id).is_some_and(|e| e.internal) {
+            node.counters.0.inc();
         }
         let _ = node.tx.send(bytes);
         if let Some((_, touched)) = self.queue.iter_mut().rev().find(|(e, _)| *e == id)
@@ -1078,6 +1087,9 @@ impl ClusterSession {
                 .is_some_and(|n| n.subs.iter().any(|s| !s.is_empty()))
         {
             return false;
+        }
+        if let Some(n) = self.nodes.get(&node) {
+            n.counters.1.inc();
         }
         let kind = match f.delivery {
             2 => crate::session::DeliveryKind::PMessage,

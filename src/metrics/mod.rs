@@ -308,6 +308,8 @@ pub struct Metrics {
     cluster_shard_resubscribes: Counter,
     cluster_shard_gap: Counter<f64>,
     cluster_node_connections: Family<Labels, Gauge>,
+    cluster_node_requests: Counters,
+    cluster_node_deliveries: Counters,
 }
 
 fn latency() -> AtomicHistogram {
@@ -615,6 +617,14 @@ impl Metrics {
             "pubwarden_cluster_node_connections",
             "Open connections to each cluster node, by node",
         );
+        let cluster_node_requests = r.counters(
+            "pubwarden_cluster_node_requests",
+            "Requests sent to each cluster node for clients (redirects included), by node",
+        );
+        let cluster_node_deliveries = r.counters(
+            "pubwarden_cluster_node_deliveries",
+            "Pub/sub deliveries received from each cluster node, by node",
+        );
         let span_drops_f = r.counters(
             "pubwarden_trace_spans_dropped",
             "Trace spans not exported, by reason (queue_full, export_failed)",
@@ -755,6 +765,8 @@ impl Metrics {
             cluster_shard_resubscribes,
             cluster_shard_gap,
             cluster_node_connections,
+            cluster_node_requests,
+            cluster_node_deliveries,
         }
     }
 
@@ -1065,6 +1077,16 @@ impl Metrics {
     /// A shard channel was subscribed again `gap` after losing its node.
     pub fn cluster_shard_gap(&self, gap: Duration) {
         self.cluster_shard_gap.inc_by(gap.as_secs_f64());
+    }
+
+    /// Counters of requests to and deliveries from `node`, for a node
+    /// connection to hold (no label lookup per message).
+    pub fn cluster_node_counters(&self, node: &str) -> (Counter, Counter) {
+        let l = labels(&[("node", node)]);
+        (
+            self.cluster_node_requests.get_or_create_owned(&l),
+            self.cluster_node_deliveries.get_or_create_owned(&l),
+        )
     }
 
     /// A connection to `node` opened (`+1`) or closed (`-1`).
