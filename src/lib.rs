@@ -58,6 +58,7 @@ pub mod glob;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod reply;
 pub mod resp;
 pub mod sentinel;
@@ -220,8 +221,11 @@ pub async fn run(
     };
     let mut reload_tasks = Vec::new();
     if let Some(r) = &reloader {
-        reload_tasks.push(tokio::spawn(r.clone().watch(POLICY_CHECK_INTERVAL)));
-        reload_tasks.push(tokio::spawn(r.clone().on_sighup()));
+        reload_tasks.push(tokio::spawn(reload::watch(
+            r.clone(),
+            POLICY_CHECK_INTERVAL,
+        )));
+        reload_tasks.push(tokio::spawn(reload::on_sighup(r.clone())));
     }
     let tls_reloader = tls::Reloader::new(
         settings.tls.clone(),
@@ -230,8 +234,11 @@ pub async fn run(
     )
     .map(Arc::new);
     if let Some(r) = &tls_reloader {
-        reload_tasks.push(tokio::spawn(r.clone().watch(POLICY_CHECK_INTERVAL)));
-        reload_tasks.push(tokio::spawn(r.clone().on_sighup()));
+        reload_tasks.push(tokio::spawn(reload::watch(
+            r.clone(),
+            POLICY_CHECK_INTERVAL,
+        )));
+        reload_tasks.push(tokio::spawn(reload::on_sighup(r.clone())));
     }
     let admin = tokio::spawn(admin::serve(
         admin_listener,

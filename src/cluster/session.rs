@@ -367,34 +367,20 @@ impl ClusterSession {
                     let _ = r;
                     break Ended::ClientIo;
                 }
-                Some((node, frame)) = self.frames_rx.recv() => {
-                    match frame {
-                        Some(batch) => {
-                            for f in batch {
-                                self.on_frame(node, f).await;
-                            }
-                        }
-                        None => {
-                            if let Err(e) = self.on_node_lost(node) {
-                                break e;
-                            }
-                        }
+                Some((node, frames)) = self.frames_rx.recv() => {
+                    if let Err(e) = self.on_node_message(node, frames).await {
+                        break e;
                     }
                     // Take what else is ready before writing.
-                    while let Ok((node, frame)) = self.frames_rx.try_recv() {
-                        match frame {
-                            Some(batch) => {
-                            for f in batch {
-                                self.on_frame(node, f).await;
-                            }
+                    let mut lost = None;
+                    while let Ok((node, frames)) = self.frames_rx.try_recv() {
+                        if let Err(e) = self.on_node_message(node, frames).await {
+                            lost = Some(e);
+                            break;
                         }
-                            None => {
-                                if let Err(e) = self.on_node_lost(node) {
-                                    self.flush();
-                                    return e;
-                                }
-                            }
-                        }
+                    }
+                    if let Some(e) = lost {
+                        break e;
                     }
                 }
                 r = reader.read_buf(&mut buf), if may_read => {
@@ -432,6 +418,23 @@ impl ClusterSession {
         drop(self.out_tx);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
         ended
+    }
+
+    /// One read's frames from a node, or `None`: its connection ended.
+    async fn on_node_message(
+        &mut self,
+        node: usize,
+        frames: Option<Vec<Bytes>>,
+    ) -> Result<(), Ended> {
+        match frames {
+            Some(batch) => {
+                for f in batch {
+                    self.on_frame(node, f).await;
+                }
+                Ok(())
+            }
+            None => self.on_node_lost(node),
+        }
     }
 
     fn new_entry(

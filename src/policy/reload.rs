@@ -11,7 +11,6 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -138,29 +137,10 @@ impl Reloader {
             }
         }
     }
+}
 
-    /// Reloads whenever the file's content changes, for ever.
-    pub async fn watch(self: Arc<Self>, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let me = self.clone();
-            // File I/O and parsing stay off the relay's threads.
-            let _ = tokio::task::spawn_blocking(move || me.reload("file change", false)).await;
-        }
-    }
-
-    /// Reloads on every SIGHUP, for ever.
-    pub async fn on_sighup(self: Arc<Self>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot watch SIGHUP; reload with POST /reload or by editing the file");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.reload("SIGHUP", true)).await;
-        }
+impl crate::reload::Reload for Reloader {
+    fn reload_now(&self, trigger: &'static str, force: bool) {
+        let _ = self.reload(trigger, force);
     }
 }

@@ -15,7 +15,6 @@ pub mod settings;
 use std::io;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::time::Duration;
 
 pub use settings::{ClientAuth, ListenerTls, UpstreamTls};
 
@@ -177,28 +176,11 @@ impl Reloader {
         }
         Err(errors.into_iter().map(|(_, m)| m).collect())
     }
+}
 
-    /// Polls the files for ever.
-    pub async fn watch(self: Arc<Self>, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.reload("file change", false)).await;
-        }
-    }
-
-    /// Reloads on every SIGHUP, for ever.
-    pub async fn on_sighup(self: Arc<Self>) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            let me = self.clone();
-            let _ = tokio::task::spawn_blocking(move || me.reload("SIGHUP", true)).await;
-        }
+impl crate::reload::Reload for Reloader {
+    fn reload_now(&self, trigger: &'static str, force: bool) {
+        let _ = self.reload(trigger, force);
     }
 }
 

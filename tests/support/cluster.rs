@@ -44,34 +44,9 @@ static SERIAL: Mutex<()> = Mutex::new(());
 // ---------------------------------------------------------------------------------------------
 // Slots.
 
-/// CRC16-CCITT (XMODEM: polynomial 0x1021, initial value 0), the hash of Redis Cluster.
-pub fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-/// The hash slot of a key (or shard channel): CRC16 of the part between the first `{` and the
-/// first `}` after it when that part is not empty, else of the whole key; modulo 16384.
-pub fn key_slot(key: &[u8]) -> u16 {
-    let hashed = match key.iter().position(|&b| b == b'{') {
-        Some(open) => match key[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
-            _ => key,
-        },
-        None => key,
-    };
-    crc16(hashed) % SLOTS
-}
+/// The hash slot of a key (or shard channel), as pubwarden computes it; the
+/// harness test checks it against Redis's own CLUSTER KEYSLOT.
+pub use pubwarden::cluster::slot::{crc16, slot as key_slot};
 
 // ---------------------------------------------------------------------------------------------
 // Talking to a node.
