@@ -32,6 +32,17 @@
 //! - [`telemetry`]: OpenTelemetry spans for publishes and deliveries, the
 //!   publish index that links them, and the cross-instance envelope
 //!   (see `docs/tracing.md`).
+//! - [`transport`]: one side of a relayed connection, plain TCP or TLS
+//!   driven by hand over the same non-blocking socket; [`tls`]: listener and
+//!   upstream TLS settings, certificate material, identities, rotation
+//!   (see `docs/tls.md`).
+//! - [`sentinel`]: finding and following the master through Redis Sentinel;
+//!   [`policy::global`]: rate limits shared through Redis with leased tokens
+//!   (see `docs/operations.md`).
+//! - [`cluster`]: Redis Cluster behind one endpoint: the shared slot map and
+//!   a session that fans out to the nodes (see `docs/cluster.md`); it replaces
+//!   the 1:1 relay for clients in `upstream.mode: cluster`.
+//! - [`reload`]: when live configuration is read again (interval, SIGHUP).
 //!
 //! ## Data flow
 //! ```text
