@@ -34,6 +34,63 @@ use crate::resp::frame::FrameScanner;
 use crate::resp::request::RequestParser;
 use crate::resp::value::{self, Value};
 
+/// Maps keyed by pubwarden's own sequence numbers (node and entry ids):
+/// no need for SipHash's flood resistance on the per-request path.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing spreads sequential ids over the table.
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
+/// The nodes a client-queue entry got frames from: nearly always one.
+#[derive(Default)]
+struct Touched {
+    one: Option<usize>,
+    more: Vec<usize>,
+}
+
+impl Touched {
+    fn insert(&mut self, node: usize) -> bool {
+        if self.one == Some(node) || self.more.contains(&node) {
+            return false;
+        }
+        if self.one.is_none() {
+            self.one = Some(node);
+        } else {
+            self.more.push(node);
+        }
+        true
+    }
+
+    fn first(&self) -> Option<usize> {
+        self.one
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.one.into_iter().chain(self.more.iter().copied())
+    }
+}
+
 const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
 /// Redirects followed for one request before its error is passed on.
 const MAX_REDIRECTS: u8 = 5;
@@ -151,13 +208,13 @@ fn kind_index(k: SubKind) -> usize {
 /// The session. Generic over the client stream (plain or TLS).
 pub struct ClusterSession {
     cluster: Arc<Cluster>,
-    nodes: HashMap<usize, Node>,
+    nodes: IdMap<usize, Node>,
     by_addr: HashMap<String, usize>,
     next_node: usize,
     home: Option<usize>,
-    entries: HashMap<u64, Entry>,
+    entries: IdMap<u64, Entry>,
     /// Client order of non-internal entries, and which nodes each touched.
-    queue: VecDeque<(u64, Vec<usize>)>,
+    queue: VecDeque<(u64, Touched)>,
     next_entry: u64,
     frames_tx: mpsc::Sender<(usize, Option<Vec<Bytes>>)>,
     frames_rx: mpsc::Receiver<(usize, Option<Vec<Bytes>>)>,
@@ -185,6 +242,9 @@ pub struct ClusterSession {
     /// Spans pending before the request being routed.
     traced_before: Option<usize>,
     parser: RequestParser,
+    /// Reads the arguments of the request being routed (kept for its
+    /// buffers; one whole request at a time).
+    route_parser: Option<RequestParser>,
     limits: crate::config::Limits,
     quit: bool,
 }
@@ -271,11 +331,11 @@ impl ClusterSession {
         (
             Self {
                 cluster,
-                nodes: HashMap::new(),
+                nodes: IdMap::default(),
                 by_addr: HashMap::new(),
                 next_node: 0,
                 home: None,
-                entries: HashMap::new(),
+                entries: IdMap::default(),
                 queue: VecDeque::new(),
                 next_entry: 0,
                 frames_tx,
@@ -294,6 +354,7 @@ impl ClusterSession {
                 traced_before: None,
                 gate,
                 parser,
+                route_parser: None,
                 limits: settings.limits.clone(),
                 quit: false,
             },
@@ -459,7 +520,7 @@ impl ClusterSession {
             },
         );
         if !internal {
-            self.queue.push_back((id, Vec::new()));
+            self.queue.push_back((id, Touched::default()));
         }
         id
     }
@@ -546,9 +607,8 @@ impl ClusterSession {
         }
         let _ = node.tx.send(bytes);
         if let Some((_, touched)) = self.queue.iter_mut().rev().find(|(e, _)| *e == id)
-            && !touched.contains(&i)
+            && touched.insert(i)
         {
-            touched.push(i);
             node.unflushed += 1;
         }
     }
@@ -611,7 +671,12 @@ impl ClusterSession {
         let start = self.next_entry;
         self.counted = false;
         self.traced_before = None;
-        let result = self.route(request).await;
+        let mut parser = self
+            .route_parser
+            .take()
+            .unwrap_or_else(|| RequestParser::new(self.limits.request));
+        let result = self.route(request, &mut parser).await;
+        self.route_parser = Some(parser);
         let id = self
             .queue
             .iter()
@@ -632,7 +697,7 @@ impl ClusterSession {
             let node = id
                 .and_then(|id| self.queue.iter().rev().find(|(e, _)| *e == id))
                 .and_then(|(_, touched)| touched.first())
-                .and_then(|n| self.nodes.get(n));
+                .and_then(|n| self.nodes.get(&n));
             if let Some(n) = node {
                 t.routed_to(&n.addr);
             }
@@ -643,12 +708,14 @@ impl ClusterSession {
     /// Routes one request.
     /// `request` is one whole request in multibulk form (inline requests
     /// arrive already rewritten by the client parser).
-    async fn route(&mut self, mut request: Bytes) -> Result<(), Ended> {
+    async fn route(&mut self, mut request: Bytes, parser: &mut RequestParser) -> Result<(), Ended> {
         // Arguments are read from a handle of their own: the request may be
         // replaced below (HELLO without its AUTH part).
         let original = request.clone();
-        let mut parser = RequestParser::new(self.limits.request);
         let Ok(Some(frame)) = parser.next(&original, 0) else {
+            // Cannot happen for a request the client parser completed; a
+            // fresh parser keeps any half-read state out of the next one.
+            *parser = RequestParser::new(self.limits.request);
             return Ok(());
         };
         let args = parser.args(&original, &frame);
@@ -931,14 +998,21 @@ impl ClusterSession {
         frames: usize,
         shape: Shape,
     ) -> Result<Option<usize>, Ended> {
-        let owner = if shape == Shape::Subs(SubKind::Shard) {
-            self.cluster.shard_subscriber_node(slot)
+        let node = if shape == Shape::Subs(SubKind::Shard) {
+            match self.cluster.shard_subscriber_node(slot) {
+                Some(addr) => self.node(&addr).await,
+                None => None,
+            }
         } else {
-            self.cluster.topology().master(slot).map(str::to_string)
-        };
-        let node = match owner {
-            Some(addr) => self.node(&addr).await,
-            None => None,
+            // The per-request path: no address copied when connected.
+            let topology = self.cluster.topology();
+            match topology.master(slot) {
+                Some(addr) => match self.by_addr.get(addr) {
+                    Some(&i) => Some(i),
+                    None => self.node(addr).await,
+                },
+                None => None,
+            }
         };
         let Some(n) = node else {
             self.local(b"-CLUSTERDOWN Hash slot not served\r\n");
@@ -1423,7 +1497,7 @@ impl ClusterSession {
             let Some((id, touched)) = self.queue.pop_front() else {
                 break;
             };
-            for n in touched {
+            for n in touched.iter() {
                 if let Some(node) = self.nodes.get_mut(&n) {
                     node.unflushed = node.unflushed.saturating_sub(1);
                 }
