@@ -677,6 +677,9 @@ impl ClusterSession {
             .unwrap_or_else(|| RequestParser::new(self.limits.request));
         let result = self.route(request, &mut parser).await;
         self.route_parser = Some(parser);
+        if !self.counted && self.traced_before.is_none() {
+            return result;
+        }
         let id = self
             .queue
             .iter()
@@ -1156,18 +1159,14 @@ impl ClusterSession {
         let Some(f) = crate::resp::frame::fast_delivery(frame, 0) else {
             return false;
         };
+        let Some(n) = self.nodes.get(&node) else {
+            return false;
+        };
         // RESP2 arrays are deliveries only on a subscribed connection.
-        if frame.first() == Some(&b'*')
-            && !self
-                .nodes
-                .get(&node)
-                .is_some_and(|n| n.subs.iter().any(|s| !s.is_empty()))
-        {
+        if frame.first() == Some(&b'*') && n.subs.iter().all(HashSet::is_empty) {
             return false;
         }
-        if let Some(n) = self.nodes.get(&node) {
-            n.counters.1.inc();
-        }
+        n.counters.1.inc();
         let kind = match f.delivery {
             2 => crate::session::DeliveryKind::PMessage,
             3 => crate::session::DeliveryKind::SMessage,

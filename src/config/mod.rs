@@ -416,11 +416,7 @@ impl Settings {
             s.upstream.resubscribe_channels =
                 r.strings(node, &path, "channel globs, e.g. [\"orders.*\"]");
         }
-        if let Some(v) = r.field(&up, "resubscribe", |t| match t.trim() {
-            "true" => Ok(true),
-            "false" => Ok(false),
-            other => Err(format!("`{other}` is not true or false")),
-        }) {
+        if let Some(v) = r.field(&up, "resubscribe", yaml::boolean) {
             s.upstream.resubscribe = v;
         }
         if let Some(v) = r.field(&up, "resubscribe_for", |t| {
@@ -760,11 +756,7 @@ fn read_cluster(
     }) {
         c.refresh_interval = v;
     }
-    let boolean = |t: &str| match t.trim() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("`{other}` is not true or false")),
-    };
+    let boolean = yaml::boolean;
     if let Some(v) = r.field(&m, "pass_sunsubscribe", boolean) {
         c.pass_sunsubscribe = v;
     }

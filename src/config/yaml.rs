@@ -391,6 +391,15 @@ pub fn size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
+/// `true` or `false`.
+pub fn boolean(text: &str) -> Result<bool, String> {
+    match text.trim() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("`{other}` is not true or false")),
+    }
+}
+
 /// A whole number within `min..=max`.
 pub fn number(min: u64, max: u64) -> impl FnOnce(&str) -> Result<u64, String> {
     move |text| {

@@ -5,6 +5,7 @@ use std::fmt;
 use crate::config::yaml::{MapView, Node, Reader, Value, join};
 
 use super::groups::{OTHER, OVERFLOW};
+use crate::config::yaml::boolean;
 
 /// Most channel groups allowed: each multiplies the series of every
 /// per-group family.
@@ -46,14 +47,6 @@ impl Default for MetricsSettings {
                 max_channels: 100,
             },
         }
-    }
-}
-
-fn boolean(text: &str) -> Result<bool, String> {
-    match text.trim() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("`{other}` is not true or false")),
     }
 }
 

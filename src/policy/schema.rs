@@ -13,6 +13,7 @@ use super::{
     User, hash_password,
 };
 use crate::config::secret::{Secret, SecretSource};
+use crate::config::yaml::boolean;
 use crate::config::yaml::{self, ConfigError, ConfigErrors, MapView, Node, Pos, Reader, Value};
 
 /// Reads and validates a policy file.
@@ -145,14 +146,6 @@ fn mode(t: &str) -> Result<Mode, String> {
         "enforce" => Ok(Mode::Enforce),
         "audit" => Ok(Mode::Audit),
         other => Err(format!("`{other}` is not a mode (use enforce or audit)")),
-    }
-}
-
-fn boolean(t: &str) -> Result<bool, String> {
-    match t.trim() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("`{other}` is not true or false")),
     }
 }
 

@@ -138,6 +138,7 @@ impl Tracing {
             unwritten: Vec::new(),
             batch_time: None,
             server: None,
+            server_from: None,
         }
     }
 
@@ -211,8 +212,10 @@ pub struct ConnTracer {
     unwritten: Vec<Span>,
     /// Wall-clock time of the current read batch, read on first need.
     batch_time: Option<SystemTime>,
-    /// The node the next delivery came from (cluster mode).
+    /// The node the next delivery came from (cluster mode), and the
+    /// address it was parsed from.
     server: Option<(String, i64)>,
+    server_from: Option<String>,
 }
 
 /// `host:port` (or `[v6]:port`) as span attributes.
@@ -448,9 +451,13 @@ impl ConnTracer {
         span.end();
     }
 
-    /// The node the next deliveries come from (cluster mode).
+    /// The node the next deliveries come from (cluster mode). Called per
+    /// delivery: parses (and allocates) only when the node changes.
     pub fn set_server(&mut self, address: &str) {
-        self.server = split_address(address);
+        if self.server_from.as_deref() != Some(address) {
+            self.server = split_address(address);
+            self.server_from = Some(address.to_string());
+        }
     }
 
     /// Names the node the last recorded request went to (cluster mode

@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::config::secret::{Secret, SecretSource};
+use crate::config::yaml::boolean;
 use crate::config::yaml::{self, MapView, Node, Reader, Value, join};
 
 /// How spans travel to the collector.
@@ -79,14 +80,6 @@ impl Default for TracingSettings {
             envelope: Vec::new(),
             max_queue_size: 2048,
         }
-    }
-}
-
-fn boolean(text: &str) -> Result<bool, String> {
-    match text.trim() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("`{other}` is not true or false")),
     }
 }
 

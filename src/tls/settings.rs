@@ -13,6 +13,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use super::material::{self, Built};
+use crate::config::yaml::boolean;
 use crate::config::yaml::{self, MapView, Pos, Reader};
 
 /// Whether clients of the TLS listener must present a certificate.
@@ -111,14 +112,6 @@ fn path(t: &str) -> Result<PathBuf, String> {
         Err("must be a file path".into())
     } else {
         Ok(PathBuf::from(t))
-    }
-}
-
-fn boolean(t: &str) -> Result<bool, String> {
-    match t.trim() {
-        "true" => Ok(true),
-        "false" => Ok(false),
-        other => Err(format!("`{other}` is not true or false")),
     }
 }
 
